@@ -1,0 +1,82 @@
+"""The base of every convmem wrapper module, and how wrappers are put in and taken out.
+
+# NOTE [Wrappers keep the state_dict]
+# A wrapper holds the original module as ``self.wrapped``, which would add ``wrapped.`` to every
+# key of ``state_dict()``. Exact strategies promise unchanged keys (DESIGN.md, invariant 3), so
+# `ModuleWrapper` strips that prefix when saving and puts it back when loading: a checkpoint saved
+# from an optimized model loads into the original model and back. ``restore_`` swaps every
+# wrapper for the module it wraps.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from torch import nn
+
+_PREFIX = "wrapped."
+
+
+def _strip_prefix(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + _PREFIX)]:
+        state_dict[prefix + key[len(prefix) + len(_PREFIX):]] = state_dict.pop(key)
+    return state_dict
+
+
+def _add_prefix(state_dict, prefix, *args, **kwargs):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _PREFIX)]:
+        state_dict[prefix + _PREFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+class ModuleWrapper(nn.Module):
+    """A module that runs ``self.wrapped`` differently (checkpointed, tiled, ...) with the same numbers.
+
+    Subclasses override ``forward``; ``state_dict`` keys are those of the wrapped module.
+    """
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+        self._register_state_dict_hook(_strip_prefix)
+        self._register_load_state_dict_pre_hook(_add_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - subclasses override
+        return self.wrapped(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `model.get_submodule(name)` is; `name` may not be the root ("")."""
+    if not name:
+        raise ValueError("the root module cannot be replaced in place; wrap it instead")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original module inside any number of convmem wrappers."""
+    while isinstance(module, ModuleWrapper):
+        module = module.wrapped
+    return module
+
+
+def restore_(model: nn.Module) -> nn.Module:
+    """Undo every convmem strategy on `model` in place: each wrapper gives way to what it wraps.
+
+    Returns the model (the same object), unless the root itself is a wrapper: then the wrapped
+    root is returned. Example: ``model = convmem.restore_(model)``.
+    """
+    while True:
+        names = [name for name, m in model.named_modules() if name and isinstance(m, ModuleWrapper)]
+        if not names:
+            return unwrap(model)
+        # Outermost first: its name stays valid, and what it wraps may hold more wrappers.
+        name = min(names, key=lambda n: n.count("."))
+        replace_submodule(model, name, unwrap(model.get_submodule(name)))
+
+
+def wrapper_state(model: nn.Module) -> Dict[str, str]:
+    """``{qualified name: wrapper class}`` for every convmem wrapper in `model`."""
+    return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, ModuleWrapper)}

@@ -1,0 +1,1 @@
+"""One file per strategy: a frozen Config dataclass and an apply function."""
