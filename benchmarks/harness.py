@@ -1,0 +1,159 @@
+"""The one benchmark harness: models x strategies x sizes -> rows in a CSV. GPU machine only.
+
+A benchmark is declarative (STYLE.md, 6): it names zoo models, strategies (benchmarks/strategies.py)
+and sizes; `run` measures each combination the one way and appends a row per combination with
+the device, versions, commit and config. `benchmarks/plot.py` draws the PNGs from the CSVs.
+
+Memory: one warm-up step, synchronize, collect, empty the cache, reset the peak, one step, read
+``max_memory_allocated``. Time: the median of `repeats` further steps, each timed with CUDA
+events. A training step is zero_grad(set_to_none) + forward + the zoo loss + backward (no
+optimizer, so that every row shares the same resident memory).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from convmem import zoo  # noqa: E402
+from convmem.cli import environment  # noqa: E402
+from convmem.profile import estimate_step  # noqa: E402
+from convmem.profile.measure import reset_cuda_peak  # noqa: E402
+
+FIELDS = [
+    "bench", "model", "size", "strategy", "batch", "input_shape", "status", "peak_bytes", "peak_gib",
+    "estimate_bytes", "estimate_error_pct", "step_ms", "step_ms_min", "step_ms_max", "repeats",
+    "device", "torch", "cuda", "commit", "time", "note",
+]
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(__file__), stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("CONVMEM_COMMIT", "unknown")
+
+
+def measure_strategy(entry: zoo.ZooEntry, prepared, repeats: int, device: torch.device) -> Dict[str, float]:
+    """Peak bytes and step times of ``prepared.step()`` (see strategies.Prepared).
+
+    Off CUDA (a smoke test of the harness itself) there is no peak and times are wall-clock.
+    """
+    cuda = device.type == "cuda"
+    prepared.step()  # warm-up: cuDNN plans, compilation, lazy allocations
+    peak = None
+    if cuda:
+        reset_cuda_peak(device)
+        prepared.step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            prepared.step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            prepared.step()
+            times.append((time.perf_counter() - began) * 1e3)
+    return {"peak_bytes": peak, "step_ms": statistics.median(times), "step_ms_min": min(times),
+            "step_ms_max": max(times)}
+
+
+def run(
+    bench: str,
+    models: Iterable[str],
+    strategies: Dict[str, Callable],
+    out_csv: str,
+    size: str = "default",
+    repeats: int = 5,
+    estimate_for: Iterable[str] = (),
+    entry_kwargs: Optional[Dict[str, dict]] = None,
+    budget_s: float = float("inf"),
+    device: str = "cuda",
+) -> List[dict]:
+    """Measure every (model, strategy); append rows to `out_csv`; return them.
+
+    `estimate_for` names strategies whose row also carries convmem's no-GPU estimate of the same
+    step (eager fp32 and bf16 autocast). `budget_s` stops starting new rows after that many seconds.
+    """
+    env = environment()
+    base = {"bench": bench, "size": size, "device": env["device"], "torch": env["torch"], "cuda": env["cuda"],
+            "commit": commit()}
+    rows = []
+    began = time.time()
+    os.makedirs(os.path.dirname(out_csv) or ".", exist_ok=True)
+    for name in models:
+        for strategy, prepare in strategies.items():
+            if time.time() - began > budget_s:
+                print(f"[{bench}] time budget spent; skipping the rest", flush=True)
+                return rows
+            row = dict(base, model=name, strategy=strategy, time=datetime.datetime.now().isoformat(timespec="seconds"))
+            entry = None
+            prepared = None
+            try:
+                entry = zoo.get(name, size=size, device=device, **(entry_kwargs or {}).get(name, {}))
+                row["batch"] = entry.inputs[0].shape[0]
+                row["input_shape"] = "x".join(str(n) for n in entry.inputs[0].shape)
+                prepared = prepare(entry)
+                if prepared is None:
+                    row["status"] = "n/a"
+                else:
+                    row.update(measure_strategy(entry, prepared, repeats, torch.device(device)))
+                    if row["peak_bytes"] is not None:
+                        row["peak_gib"] = round(row["peak_bytes"] / 2**30, 4)
+                    row["status"] = "ok"
+                    row["note"] = getattr(prepared, "note", "")
+                    if strategy in estimate_for and row["peak_bytes"]:
+                        est = estimate_step(entry.model, entry.inputs, entry.loss_fn,
+                                            autocast_dtype=getattr(prepared, "autocast_dtype", None))
+                        row["estimate_bytes"] = est.peak_bytes
+                        row["estimate_error_pct"] = round((est.peak_bytes - row["peak_bytes"]) / row["peak_bytes"] * 100, 2)
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "oom"
+            except Exception as error:  # a failed row is data too; keep going
+                row["status"] = "error"
+                row["note"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                traceback.print_exc()
+            finally:
+                del entry, prepared
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
+            rows.append(row)
+            _append(out_csv, row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def _append(path: str, row: dict) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _line(row: dict) -> str:
+    peak = f"{row['peak_bytes'] / 2**30:8.3f} GiB" if row.get("peak_bytes") else f"{'':>12}"
+    step = f"{row['step_ms']:9.2f} ms" if row.get("step_ms") else f"{'':>12}"
+    est = f" est {row['estimate_error_pct']:+.1f}%" if row.get("estimate_error_pct") is not None else ""
+    return f"[{row['bench']}] {row['model']:<15} {row['strategy']:<24} {row.get('status', ''):<6} {peak} {step}{est} {row.get('note', '')}"

@@ -1,0 +1,47 @@
+"""Run a named benchmark on the GPU machine: ``python benchmarks/run.py anchors [--models tcn,wavenet]``.
+
+Rows are appended to ``benchmarks/results/<bench>.csv`` (or --out); see harness.py for how.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import harness  # noqa: E402
+import strategies  # noqa: E402
+from convmem import zoo  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+# name -> (strategies, strategies whose rows carry the no-GPU estimate)
+BENCHES = {
+    "anchors": (strategies.ANCHORS, ("eager_fp32", "bf16_autocast")),
+    "compile": (strategies.COMPILE_ANCHORS, ()),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("bench", choices=sorted(BENCHES))
+    p.add_argument("--models", default=",".join(zoo.names()))
+    p.add_argument("--size", default="default", choices=("small", "default"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", help="CSV path (default benchmarks/results/<bench>.csv)")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no row after this many seconds")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the harness")
+    p.add_argument("--strategies", help="comma-separated subset of the bench's strategies")
+    args = p.parse_args(argv)
+    chosen, estimate_for = BENCHES[args.bench]
+    if args.strategies:
+        chosen = {k: v for k, v in chosen.items() if k in args.strategies.split(",")}
+    out = args.out or os.path.join(RESULTS, f"{args.bench}.csv")
+    harness.run(args.bench, args.models.split(","), chosen, out, size=args.size, repeats=args.repeats,
+                estimate_for=estimate_for, budget_s=args.budget_s, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

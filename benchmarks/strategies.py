@@ -1,0 +1,100 @@
+"""What a benchmark row runs: the anchors a user would otherwise reach for, and convmem's strategies.
+
+Each entry maps a name to ``prepare(entry) -> Prepared | None`` (None: not applicable to this
+model, e.g. ``checkpoint_sequential`` on a model whose blocks are not one Sequential chain).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+from convmem.nn._wrapper import ModuleWrapper, replace_submodule
+
+
+class Prepared:
+    """One training step of a (transformed) zoo model: zero_grad, forward, loss, backward."""
+
+    def __init__(self, model: nn.Module, inputs, loss_fn, autocast_dtype=None, forward=None, note=""):
+        self.model = model
+        self.inputs = inputs
+        self.loss_fn = loss_fn
+        self.autocast_dtype = autocast_dtype
+        self.forward = forward or model
+        self.note = note
+
+    def step(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        ctx = torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        with ctx:
+            loss = self.loss_fn(self.forward(*self.inputs))
+        loss.backward()
+
+
+class _TorchCheckpointed(ModuleWrapper):
+    """``torch.utils.checkpoint`` (non-reentrant) around one block: the anchor users write by hand."""
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.wrapped, *args, use_reentrant=False, **kwargs)
+
+
+class _TorchCheckpointSequential(ModuleWrapper):
+    def __init__(self, chain: nn.Sequential):
+        super().__init__(chain)
+        self.segments = max(1, round(math.sqrt(len(chain))))
+
+    def forward(self, x):
+        return checkpoint_sequential(self.wrapped, self.segments, x, use_reentrant=False)
+
+
+def eager(entry) -> Prepared:
+    return Prepared(entry.model, entry.inputs, entry.loss_fn)
+
+
+def bf16_autocast(entry) -> Prepared:
+    return Prepared(entry.model, entry.inputs, entry.loss_fn, autocast_dtype=torch.bfloat16)
+
+
+def torch_checkpoint_blocks(entry) -> Prepared:
+    for name in entry.blocks:
+        replace_submodule(entry.model, name, _TorchCheckpointed(entry.model.get_submodule(name)))
+    return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{len(entry.blocks)} blocks")
+
+
+def torch_checkpoint_sequential(entry) -> Optional[Prepared]:
+    if entry.chain is None:
+        return None
+    chain = entry.model.get_submodule(entry.chain)
+    wrapper = _TorchCheckpointSequential(chain)
+    replace_submodule(entry.model, entry.chain, wrapper)
+    return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{wrapper.segments} segments of {len(chain)}")
+
+
+def compiled(budget: Optional[float] = None) -> Callable:
+    def prepare(entry) -> Prepared:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = 1.0 if budget is None else budget
+        forward = torch.compile(entry.model)
+        note = "" if budget is None else f"activation_memory_budget={budget}"
+        return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note)
+
+    return prepare
+
+
+ANCHORS: Dict[str, Callable] = {
+    "eager_fp32": eager,
+    "bf16_autocast": bf16_autocast,
+    "torch_checkpoint_blocks": torch_checkpoint_blocks,
+    "checkpoint_sequential_sqrt": torch_checkpoint_sequential,
+}
+
+COMPILE_ANCHORS: Dict[str, Callable] = {
+    "compile_default": compiled(None),
+    "compile_budget_0.5": compiled(0.5),
+    "compile_budget_0.1": compiled(0.1),
+}
