@@ -103,7 +103,7 @@ def estimate_step(
     meta_inputs = to_meta(tuple(inputs))
     meta_opt = _meta_optimizer(optimizer, model, clone) if optimizer is not None else None
 
-    live = LiveSet("meta", cuda_model.workspace_bytes)
+    live = LiveSet("meta", cuda_model)
     resident = list(clone.parameters()) + list(clone.buffers()) + tensors_in(list(meta_inputs))
     if meta_opt is not None:
         resident += [t for state in meta_opt.state.values() for t in tensors_in(list(state.values()))]

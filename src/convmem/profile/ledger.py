@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,14 +35,16 @@ def cuda_block_bytes(nbytes: int) -> int:
 class LiveSet(TorchDispatchMode):
     """Tracks the bytes of live storages on one device type while ops run under it.
 
-    `workspace_fn(func, args, kwargs, out)`, when given, returns the scratch bytes an op needs
-    while it runs; they count towards the peak at that op and are released after it.
+    `cuda_model` (a `workspace.CudaModel`), when given, says what scratch bytes an op needs while
+    it runs (they count towards the peak at that op only) and what library workspace stays
+    allocated once an op has run (it counts from then on, as ``workspace``).
     """
 
-    def __init__(self, device_type: str = "meta", workspace_fn: Optional[Callable] = None):
+    def __init__(self, device_type: str = "meta", cuda_model=None):
         super().__init__()
         self.device_type = device_type
-        self.workspace_fn = workspace_fn
+        self.cuda_model = cuda_model
+        self.persistent_bytes = 0
         self.live_bytes = 0
         self.peak_bytes = 0
         self.peak_members: List[Tuple[int, int]] = []  # (serial, bytes) live at the peak
@@ -51,7 +53,6 @@ class LiveSet(TorchDispatchMode):
         self.timeline: List[int] = []  # live bytes after every op (workspace included)
         self.phase_starts: Dict[str, int] = {}
         self.kinds: Dict[int, str] = {}  # serial -> kind (see module constants)
-        self.workspace_peak = 0
         self._serials = WeakIdKeyDictionary()
         self._members: Dict[int, Tuple[weakref.ref, int]] = {}
         self._next_serial = 0
@@ -95,7 +96,7 @@ class LiveSet(TorchDispatchMode):
         self.timeline.append(current)
         if current > self.peak_bytes:
             self.peak_bytes = current
-            self.peak_workspace = extra
+            self.peak_workspace = extra + self.persistent_bytes
             self.peak_op = op_name
             self.peak_members = [(s, m[1]) for s, m in self._members.items()]
 
@@ -106,13 +107,17 @@ class LiveSet(TorchDispatchMode):
         for t in tensors_in(out):
             if t.device.type == self.device_type:
                 self.add(t.untyped_storage())
-        extra = self.workspace_fn(func, args, kwargs, out) if self.workspace_fn is not None else 0
-        self.workspace_peak = max(self.workspace_peak, extra)
+        extra = 0
+        if self.cuda_model is not None:
+            if not self.persistent_bytes:
+                self.persistent_bytes = self.cuda_model.persistent_bytes(func)
+                self.live_bytes += self.persistent_bytes
+            extra = self.cuda_model.workspace_bytes(func, args, kwargs, out)
         self._observe(extra, str(func))
         return out
 
     def breakdown_at_peak(self) -> Dict[str, int]:
-        """Bytes live at the peak, by kind, plus the op's scratch space as ``workspace``."""
+        """Bytes live at the peak, by kind, plus library scratch space as ``workspace``."""
         parts = {RESIDENT: 0, KEPT: 0, GRAD: 0, OPTIMIZER: 0, TRANSIENT: 0}
         for serial, nbytes in self.peak_members:
             parts[self.kinds[serial]] += nbytes

@@ -101,6 +101,9 @@ def measure_step(
     if optimizer is not None:
         resident += [t for state in optimizer.state.values() for t in tensors_in(list(state.values()))]
     with preserved(model, optimizer):
+        # The user's gradient tensors stay aside (`preserved` gives them back); a step would add
+        # to them in place.
+        model.zero_grad(set_to_none=True)
         opt_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
         for _ in range(warmup):
             run_step(model, inputs, loss_fn, optimizer, autocast)
