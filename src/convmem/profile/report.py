@@ -105,6 +105,19 @@ class MemoryProfile:
         """All bytes autograd saved for backward (deduplicated; parameters and inputs excluded)."""
         return self.estimate.saved_bytes
 
+    def block_rows(self, at_least: int = 4) -> List[ModuleRow]:
+        """Rows at the shallowest depth where at least `at_least` module calls keep memory.
+
+        For a model of repeated blocks these are the blocks, each with its children's kept bytes
+        (`kept_total_bytes`): the view that says which part of the network to change.
+        """
+        depths = sorted({r.depth for r in self.rows if r.name != LOSS_ROW})
+        for depth in depths:
+            rows = [r for r in self.rows if r.depth == depth and r.kept_total_bytes > 0 and r.label != LOSS_ROW]
+            if len(rows) >= at_least:
+                return rows
+        return [r for r in self.rows if r.kept_bytes > 0 and r.label != LOSS_ROW]
+
     # -- text ------------------------------------------------------------------------------
     def summary(self) -> str:
         e = self.estimate
@@ -195,11 +208,11 @@ class MemoryProfile:
         """A PNG: kept bytes per module (left) and live memory over the step (right)."""
         plt = _pyplot()
         fig, (left, right) = plt.subplots(1, 2, figsize=(14, max(4.5, 0.28 * top + 1.5)))
-        ranked = sorted((r for r in self.rows if r.kept_bytes > 0), key=lambda r: -r.kept_bytes)[:top]
+        blocks = self.block_rows()[:top]
         gib = 2**30
-        left.barh([r.label for r in ranked][::-1], [r.kept_bytes / gib for r in ranked][::-1], color="#4C72B0")
-        left.set_xlabel("kept for backward (GiB)")
-        left.set_title("Where the kept memory goes (top module calls)")
+        left.barh([r.label for r in blocks][::-1], [r.kept_total_bytes / gib for r in blocks][::-1], color="#4C72B0")
+        left.set_xlabel("kept for backward, children included (GiB)")
+        left.set_title("Where the kept memory goes, in forward order")
         left.tick_params(axis="y", labelsize=7)
 
         timeline = [b / gib for b in self.estimate.timeline]
@@ -209,7 +222,7 @@ class MemoryProfile:
         for (name, start), nxt in zip(starts, starts[1:] + [("", len(timeline))]):
             if name in colors and nxt[1] > start:
                 right.axvspan(start, nxt[1], color=colors[name], zorder=0)
-                right.text(start, 0, f" {name}", fontsize=8, va="bottom")
+                right.text(start, 0, f" {name}", fontsize=8, va="bottom", rotation=90)
         right.axhline(self.estimate.peak_bytes / gib, color="#C44E52", ls="--", lw=1, label="estimated peak")
         m = self.measured
         if m is not None and m.peak_bytes is not None:
