@@ -24,7 +24,7 @@ class Prepared:
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
-        self.forward = forward or model
+        self.forward = model if forward is None else forward
         self.note = note
 
     def step(self) -> None:
@@ -97,4 +97,44 @@ COMPILE_ANCHORS: Dict[str, Callable] = {
     "compile_default": compiled(None),
     "compile_budget_0.5": compiled(0.5),
     "compile_budget_0.1": compiled(0.1),
+}
+
+
+# ------------------------------------------------------------------------------ convmem
+
+def convmem_checkpoint(policy: str, compile_model: bool = False) -> Callable:
+    def prepare(entry) -> Prepared:
+        import convmem
+
+        convmem.checkpoint_(entry.model, policy=policy, example_inputs=entry.inputs)
+        forward = torch.compile(entry.model) if compile_model else None
+        return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
+                        note="torch.compile" if compile_model else "")
+
+    return prepare
+
+
+def convmem_tile(tile_length: int) -> Callable:
+    def prepare(entry) -> Optional[Prepared]:
+        import warnings
+
+        import convmem
+        from convmem.nn.tiled import Tiled
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            convmem.tile_(entry.model, tile_length, example_inputs=entry.inputs)
+        tiled = [n for n, m in entry.model.named_modules() if isinstance(m, Tiled)]
+        if not tiled:
+            return None  # not length-local in training (BatchNorm, GroupNorm over time)
+        return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"tiled: {', '.join(tiled)}")
+
+    return prepare
+
+
+CONVMEM: Dict[str, Callable] = {
+    "convmem_checkpoint_full": convmem_checkpoint("full"),
+    "convmem_checkpoint_selective": convmem_checkpoint("selective"),
+    "convmem_selective_compiled": convmem_checkpoint("selective", compile_model=True),
+    "convmem_tile_8192": convmem_tile(8192),
 }
