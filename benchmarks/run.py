@@ -21,6 +21,7 @@ BENCHES = {
     "anchors": (strategies.ANCHORS, ("eager_fp32", "bf16_autocast")),
     "compile": (strategies.COMPILE_ANCHORS, ()),
     "strategies": (strategies.CONVMEM, ()),
+    "lossy": (strategies.LOSSY, ()),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({"eager_fp32": strategies.eager,
                     **{f"convmem_tile_{n}": strategies.convmem_tile(n) for n in (1024, 2048, 4096, 8192, 16384, 32768)}}, ()),

@@ -138,3 +138,28 @@ CONVMEM: Dict[str, Callable] = {
     "convmem_selective_compiled": convmem_checkpoint("selective", compile_model=True),
     "convmem_tile_8192": convmem_tile(8192),
 }
+
+
+def convmem_depthwise(rank: Optional[int]) -> Callable:
+    """Dense convs -> depthwise-separable (lossy unless full rank): memory and speed of the result."""
+
+    def prepare(entry) -> Optional[Prepared]:
+        import warnings
+
+        import convmem
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = convmem.to_depthwise_separable_(entry.model, rank=rank)
+        if not report.rows:
+            return None
+        return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{len(report.rows)} convs converted")
+
+    return prepare
+
+
+LOSSY: Dict[str, Callable] = {
+    "eager_fp32": eager,
+    "convmem_depthwise_rank1": convmem_depthwise(1),
+    "convmem_depthwise_full_rank": convmem_depthwise(None),
+}
