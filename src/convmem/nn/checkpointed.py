@@ -1,0 +1,433 @@
+"""`Checkpointed`: a module that keeps less for backward and recomputes the rest, with the same numbers.
+
+``Checkpointed(block)`` runs ``block`` under non-reentrant ``torch.utils.checkpoint``. With
+``policy="full"`` only the block's inputs are kept between forward and backward; everything else is
+recomputed in backward (one extra forward of the block). With ``policy="selective"`` the outputs of
+the convolutions (and matmuls) that backward needs are kept too, and only the cheap ops between
+them are recomputed (NOTE [Selective recompute]). Wrapping an ``nn.Sequential`` with ``segments``
+checkpoints consecutive runs of its items, one run at a time.
+
+Gradients, outputs and buffers are those of the unwrapped module: BatchNorm running statistics are
+updated once per step (NOTE [Buffers are updated once]), dropout draws the same masks in the
+recompute (the RNG state is replayed), and autocast is re-entered as it was.
+
+# NOTE [Buffers are updated once]
+# Plain `torch.utils.checkpoint` runs the forward twice, so every buffer the forward updates in
+# place -- BatchNorm's running_mean, running_var and num_batches_tracked, a spectral-norm power
+# iteration vector -- is updated twice per step (pytorch issue 96136). The recompute must instead
+# see the buffers exactly as the first forward saw them, and must leave them as the first forward
+# left them. So, per checkpoint call:
+#   * entering the first forward, every buffer of the checkpointed modules is copied; on leaving
+#     it, the copies of buffers the forward did not change (same tensor, equal values) are
+#     dropped. What stays until backward is a copy of BatchNorm's statistics: 2 x channels numbers.
+#   * entering the recompute, each changed buffer is swapped for a fresh copy of its value before
+#     the first forward; on leaving (normally, by early stop, or by error), the buffers the first
+#     forward produced are swapped back. They are the same tensor objects, untouched.
+# The recompute therefore computes exactly what the first forward computed (BatchNorm in training
+# mode normalises with the batch's statistics, in eval mode with running statistics that are the
+# same ones), and the running statistics advance once. Both hooks are `context_fn` contexts of
+# `torch.utils.checkpoint`, which enters them around the first forward and the recompute.
+#
+# NOTE [Selective recompute]
+# Full checkpointing recomputes every op, the convolutions included, which is where the time goes.
+# Selective checkpointing keeps the outputs of the expensive ops (convolutions and matmuls) and
+# recomputes only the cheap ops between them: activations, norms, adds, pads, casts. It uses
+# PyTorch's selective activation checkpointing (`create_selective_checkpoint_contexts`, public
+# since PyTorch 2.5; on older versions "selective" falls back to "full" with a warning).
+#
+# Keeping *every* convolution output would be wrong for Conv1d blocks: the last conv of a residual
+# block feeds only an add, which saves nothing, so keeping its output costs a full activation that
+# the untouched model never keeps (WaveNet's skip and residual 1x1 convs, a TCN block's pointwise
+# conv: selective would then keep more than no checkpointing at all). So the first time a block runs
+# with gradients, a probe runs it once more on the meta device (no memory, no values) and finds out
+# which convolution outputs backward needs: following every tensor back through the cheap ops to
+# the convolutions it was computed from, a convolution output is kept when some tensor that
+# autograd saves depends on it -- the GELU input after a conv, BatchNorm's input, the tanh and
+# sigmoid gates of a WaveNet layer. A convolution output that nothing saved depends on is not
+# kept and, thanks to checkpoint's early stop, usually not recomputed either: the recompute ends
+# once the last tensor backward needs exists, before the block's final conv runs. A convolution
+# output that the forward later modifies in place (``relu_``) cannot be kept (it would no longer be
+# the conv's output) and is recomputed. The result keeps a subset of what the untouched model
+# keeps, and recomputes no convolution whose output is kept.
+#
+# The decisions are cached per segment and per train/eval mode; they only steer memory and time,
+# never values: any choice of kept ops gives exact gradients. A block the meta probe cannot run
+# (it reads tensor values, or makes tensors on a fixed device) is checkpointed in full, with a
+# warning.
+#
+# NOTE [Selective recompute under autocast]
+# Autocast casts a float32 weight to the low dtype once per autocast region and caches the cast.
+# The recompute runs in a fresh region, so a weight whose cast the first forward found in the
+# cache (a module called twice, a weight shared by two layers) is cast again there, and selective
+# checkpointing, which replays ops by their count, fails in backward. So inside a selectively
+# checkpointed block the cache is off, in the first forward and in the recompute alike: both cast
+# every time, the same ops on the same values. The one number this changes: a parameter used more
+# than once in an autocast region gets one cast per use instead of a shared one, so its gradient
+# contributions are summed in float32 instead of in the low dtype -- a rounding difference at the
+# low dtype's precision (about 1e-3 for bfloat16), towards the more accurate sum. Parameters used
+# once, and policy="full", are bitwise unchanged.
+#
+# NOTE [Checkpointing under torch.compile]
+# Compiled graphs are functional: AOTAutograd applies a buffer mutation once, at the end of the
+# forward graph, and its recompute in the backward graph mutates nothing. So under torch.compile the
+# buffer contexts of NOTE [Buffers are updated once] are neither needed nor allowed (dynamo accepts
+# only TorchDispatchMode contexts), and the meta probe cannot run either. "full" compiles to plain
+# checkpointing; "selective" marks convolutions and matmuls PREFER_SAVE and everything else
+# PREFER_RECOMPUTE, and the compiler's min-cut partitioner saves only the conv outputs backward
+# needs -- the decision the probe makes in eager mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils.checkpoint import checkpoint, noop_context_fn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..profile.autocast_sim import SimulatedAutocast
+from ..profile.estimate import meta_clone, to_meta
+from ..profile.recorder import tensors_in
+from ._wrapper import ModuleWrapper
+
+try:  # public since PyTorch 2.5
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+except ImportError:  # pragma: no cover - depends on the installed torch
+    CheckpointPolicy = None
+    create_selective_checkpoint_contexts = None
+
+__all__ = ["Checkpointed", "POLICIES", "selective_available"]
+
+POLICIES = ("full", "selective")
+
+_aten = torch.ops.aten
+# The ops whose outputs selective checkpointing keeps: what dispatch sees of Conv1d,
+# ConvTranspose1d, F.conv1d (all aten.convolution) and of Linear and matmul.
+_EXPENSIVE_OPS = frozenset(
+    {_aten.convolution.default, _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+)
+
+
+def selective_available() -> bool:
+    """Whether this PyTorch has selective activation checkpointing (PyTorch >= 2.5)."""
+    return create_selective_checkpoint_contexts is not None
+
+
+def resolve_policy(policy: str) -> str:
+    """`policy` if it is valid and runs on this PyTorch; "selective" falls back to "full" with a warning."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "selective" and not selective_available():
+        warnings.warn(
+            "policy='selective' needs torch.utils.checkpoint.create_selective_checkpoint_contexts "
+            f"(PyTorch >= 2.5; this is {torch.__version__}); using policy='full', which recomputes "
+            "every op including the convolutions",
+            stacklevel=3,
+        )
+        return "full"
+    return policy
+
+
+class Checkpointed(ModuleWrapper):
+    """Run ``wrapped`` under non-reentrant activation checkpointing; same outputs, gradients and buffers.
+
+    Args:
+        wrapped: any module; typically a block ``x: (batch, channels, length) -> same``.
+        policy: "full" keeps only the inputs and recomputes everything in backward; "selective"
+            keeps the convolution outputs backward needs and recomputes the cheap ops between them
+            (NOTE [Selective recompute]).
+        segments: only for an ``nn.Sequential``: sizes of consecutive runs of its items, each run
+            checkpointed on its own (``(1, 2, 4)`` for 7 items: [0], [1, 2], [3..6]). Only each
+            run's input is kept; backward recomputes one run at a time. Default: the whole module
+            is one run.
+
+    `state_dict()` keys are those of `wrapped`. Under ``torch.no_grad()`` it runs `wrapped` directly.
+
+    Example::
+
+        >>> block = Checkpointed(nn.Sequential(nn.Conv1d(64, 64, 3, padding=1), nn.BatchNorm1d(64), nn.GELU()))
+        >>> block(torch.randn(8, 64, 16000)).shape
+        torch.Size([8, 64, 16000])
+
+    .. warning:: A module's forward hooks may fire again during the recompute, and backward can run
+        once per forward (no ``retain_graph`` double backward with ``policy="selective"``).
+    """
+
+    def __init__(self, wrapped: nn.Module, policy: str = "full", segments: Optional[Sequence[int]] = None):
+        policy = resolve_policy(policy)
+        if segments is not None:
+            segments = _check_segments(wrapped, segments)
+        super().__init__(wrapped)
+        self.policy = policy
+        self.segments: Optional[Tuple[int, ...]] = segments
+        # (segment index, training) -> which expensive ops to keep, or None: see NOTE [Selective recompute].
+        self._keep: Dict[Tuple[int, bool], Optional[Tuple[bool, ...]]] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.segments is None:
+            return self._run(self.wrapped, 0, args, kwargs)
+        items = list(self.wrapped)
+        if sum(self.segments) != len(items):
+            raise RuntimeError(
+                f"Checkpointed: segments {self.segments} cover {sum(self.segments)} items, but the wrapped "
+                f"Sequential now has {len(items)}"
+            )
+        start = 0
+        for index, size in enumerate(self.segments):
+            args = (self._run(nn.Sequential(*items[start : start + size]), index, args, kwargs),)
+            kwargs = {}
+            start += size
+        return args[0]
+
+    def extra_repr(self) -> str:
+        text = f"policy={self.policy!r}"
+        return text if self.segments is None else f"{text}, segments={self.segments}"
+
+    def _run(self, module: nn.Module, index: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if not torch.is_grad_enabled():
+            return module(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # NOTE [Checkpointing under torch.compile]. Dynamo reads context_fn only as a partial
+            # it can see being built, so "full" passes none at all.
+            if self.policy == "selective":
+                context_fn = functools.partial(create_selective_checkpoint_contexts, _compiled_policy)
+                return checkpoint(module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+            return checkpoint(module, *args, use_reentrant=False, **kwargs)
+        keep = self._kept_ops(module, index, args, kwargs) if self.policy == "selective" else None
+        modules = list(module.modules())
+        has_buffers = any(b is not None for m in modules for b in m._buffers.values())
+        if keep is None and not has_buffers:
+            context_fn = noop_context_fn
+        else:
+            context_fn = functools.partial(_contexts, modules if has_buffers else None, keep)
+        return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **kwargs)
+
+    def _kept_ops(self, module: nn.Module, index: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+        key = (index, self.training)
+        if key not in self._keep:
+            keep = _probe_kept_ops(module, args, kwargs)
+            self._keep[key] = keep if keep is not None and any(keep) else None
+        return self._keep[key]
+
+
+def _check_segments(wrapped: nn.Module, segments: Sequence[int]) -> Tuple[int, ...]:
+    if not isinstance(wrapped, nn.Sequential) or type(wrapped).forward is not nn.Sequential.forward:
+        raise ValueError(
+            f"segments need an nn.Sequential with its own forward unchanged, got {type(wrapped).__name__}"
+        )
+    sizes = tuple(segments)
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"segments must be positive ints (sizes of consecutive runs of items), got {segments!r}")
+    if sum(sizes) != len(wrapped):
+        raise ValueError(f"segments {sizes} cover {sum(sizes)} items, but the Sequential has {len(wrapped)}")
+    return sizes
+
+
+# ------------------------------------------------------------------------------ buffers, once
+
+
+class _FirstForward:
+    """Entered around the first forward: notes the buffers it changes, as they were before it."""
+
+    def __init__(self, modules: List[nn.Module]):
+        self.modules = modules
+        self.before: List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        self.changed: List[Tuple[nn.Module, str, torch.Tensor]] = []  # (module, name, value before the forward)
+
+    def __enter__(self) -> None:
+        self.before = [
+            (m, name, b, b.detach().clone()) for m in self.modules for name, b in m._buffers.items() if b is not None
+        ]
+
+    def __exit__(self, *exc) -> None:
+        self.changed = [(m, name, copy) for m, name, b, copy in self.before if _changed(m._buffers.get(name), b, copy)]
+        self.before = []
+
+
+class _Recompute:
+    """Entered around each recompute (one per backward through it): the buffers as the first forward found them."""
+
+    def __init__(self, first_forward: _FirstForward):
+        self.first_forward = first_forward
+        self.after: List[Tuple[nn.Module, str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        changed = self.first_forward.changed
+        self.after = [(m, name, m._buffers[name]) for m, name, _ in changed]
+        for m, name, copy in changed:
+            # A fresh copy each time: a second backward (retain_graph) recomputes from the same values.
+            m._buffers[name] = copy.clone()
+
+    def __exit__(self, *exc) -> None:
+        for m, name, tensor in self.after:
+            m._buffers[name] = tensor
+        self.after = []
+
+
+def _changed(now: Optional[torch.Tensor], before: torch.Tensor, copy: torch.Tensor) -> bool:
+    # Values, not version counters: kernels such as native_batch_norm write running statistics
+    # without bumping the version. Meta tensors (the no-GPU estimate) have no values to compare.
+    return now is not before or before.is_meta or not torch.equal(before, copy)
+
+
+def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...]]):
+    """checkpoint's ``context_fn``: the contexts of the first forward and of the recompute."""
+    forward: List[ContextManager] = []
+    recompute: List[ContextManager] = []
+    if modules is not None:
+        first_forward = _FirstForward(modules)
+        forward.append(first_forward)
+        recompute.append(_Recompute(first_forward))
+    if keep is not None:
+        # Entered after the buffer contexts, so that copying buffers is not an op the policy counts.
+        selective_forward, selective_recompute = create_selective_checkpoint_contexts(_KeepPolicy(keep))
+        forward += [_NoAutocastCache(), selective_forward]
+        recompute += [_NoAutocastCache(), selective_recompute]
+    return _Stacked(forward), _Stacked(recompute)
+
+
+class _NoAutocastCache:
+    """See NOTE [Selective recompute under autocast]."""
+
+    def __enter__(self) -> None:
+        self.enabled = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_autocast_cache_enabled(self.enabled)
+
+
+class _Stacked:
+    """Several contexts as one; unlike a generator context manager it can be entered again."""
+
+    def __init__(self, managers: List[ContextManager]):
+        self.managers = managers
+        self.stack: Optional[contextlib.ExitStack] = None
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as stack:
+            for manager in self.managers:
+                stack.enter_context(manager)
+            self.stack = stack.pop_all()
+
+    def __exit__(self, *exc) -> bool:
+        stack, self.stack = self.stack, None
+        return stack.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- selective policy
+
+
+class _KeepPolicy:
+    """Selective-checkpoint policy: keep the i-th expensive op's output iff ``keep[i]``.
+
+    Counts expensive ops separately in the forward and the recompute (PyTorch 2.5 consults the
+    policy in both, later versions only in the forward).
+    """
+
+    def __init__(self, keep: Tuple[bool, ...]):
+        self.keep = keep
+        self.count = {False: 0, True: 0}
+
+    def __call__(self, ctx, op, *args, **kwargs):
+        if op in _EXPENSIVE_OPS:
+            index = self.count[ctx.is_recompute]
+            self.count[ctx.is_recompute] = index + 1
+            if index < len(self.keep) and self.keep[index]:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _compiled_policy(ctx, op, *args, **kwargs):
+    # NOTE [Checkpointing under torch.compile]: PREFER_SAVE leaves the choice to the partitioner.
+    return CheckpointPolicy.PREFER_SAVE if op in _EXPENSIVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _Lineage(TorchDispatchMode):
+    """Follows each tensor back to the expensive ops it is computed from: NOTE [Selective recompute].
+
+    Storages identify tensors (views share their base's); meta storages are distinct Python objects.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.needed: List[bool] = []  # per expensive op call, in order: does a saved tensor depend on it?
+        self.mutated: Set[int] = set()  # expensive op calls whose output is later written in place
+        self._sources = WeakIdKeyDictionary()  # storage -> indices of the expensive ops it depends on
+        self._producer = WeakIdKeyDictionary()  # storage -> index of the expensive op that made it
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for tensor in _written_tensors(func, args, kwargs):
+            producer = self._producer.get(tensor.untyped_storage())
+            if producer is not None:
+                self.mutated.add(producer)
+        out = func(*args, **kwargs)
+        if func in _EXPENSIVE_OPS:
+            index = len(self.needed)
+            self.needed.append(False)
+            sources = frozenset({index})
+            for t in tensors_in(out):
+                self._producer[t.untyped_storage()] = index
+        else:
+            inputs = tensors_in((args, kwargs))
+            sources = frozenset().union(*(self._sources.get(t.untyped_storage(), ()) for t in inputs))
+        for t in tensors_in(out):
+            storage = t.untyped_storage()
+            self._sources[storage] = self._sources.get(storage, frozenset()) | sources
+        return out
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        for index in self._sources.get(tensor.untyped_storage(), ()):
+            self.needed[index] = True
+        return tensor
+
+
+def _written_tensors(func, args, kwargs) -> List[torch.Tensor]:
+    written = []
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[position] if position < len(args) else kwargs.get(argument.name)
+            written.extend(tensors_in(value))
+    return written
+
+
+def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Tuple[bool, ...]]:
+    """Per expensive op call of ``module(*args, **kwargs)``: keep its output? None if the probe cannot run."""
+    lineage = _Lineage()
+    try:
+        # The probe is invisible to the caller: dispatch modes already running (a memory estimate's
+        # live set, say) do not see its ops, and fork_rng keeps the RNG that the real forward's
+        # dropout draws from where it was.
+        with _disable_current_modes(), torch.random.fork_rng(devices=[]), torch.enable_grad():
+            clone = meta_clone(module)
+            meta_args, meta_kwargs = to_meta(args), to_meta(kwargs)
+            with _autocast_like(args), torch.autograd.graph.saved_tensors_hooks(lineage.pack, _identity), lineage:
+                clone(*meta_args, **meta_kwargs)
+    except Exception as error:  # any failure only costs the selective part, never correctness
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        warnings.warn(
+            f"Checkpointed: cannot probe {type(module).__name__} on the meta device to choose which "
+            f"convolution outputs to keep ({text}); checkpointing it with policy='full'",
+            stacklevel=4,
+        )
+        return None
+    return tuple(needed and index not in lineage.mutated for index, needed in enumerate(lineage.needed))
+
+
+def _autocast_like(args: Tuple[Any, ...]) -> ContextManager:
+    # Real autocast does not act on meta tensors; the simulated one casts as it would, so that the
+    # probe's dtypes (and the casts between its ops) match the real run's.
+    tensors = tensors_in(args)
+    device_type = tensors[0].device.type if tensors else "cpu"
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return SimulatedAutocast(torch.get_autocast_dtype(device_type))
+    return contextlib.nullcontext()
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
