@@ -15,6 +15,7 @@ import csv
 import datetime
 import gc
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -87,12 +88,20 @@ def run(
     entry_kwargs: Optional[Dict[str, dict]] = None,
     budget_s: float = float("inf"),
     device: str = "cuda",
+    row_timeout_s: int = 0,
 ) -> List[dict]:
     """Measure every (model, strategy); append rows to `out_csv`; return them.
 
     `estimate_for` names strategies whose row also carries convmem's no-GPU estimate of the same
-    step (eager fp32 and bf16 autocast). `budget_s` stops starting new rows after that many seconds.
+    step (eager fp32 and bf16 autocast). `budget_s` stops starting new rows after that many seconds;
+    `row_timeout_s` (0: none) abandons a row that runs longer (status "timeout": a compile that takes
+    minutes is a result too).
     """
+
+    def _timeout(signum, frame):
+        raise TimeoutError(f"row ran over {row_timeout_s} s")
+
+    signal.signal(signal.SIGALRM, _timeout)
     env = environment()
     base = {"bench": bench, "size": size, "device": env["device"], "torch": env["torch"], "cuda": env["cuda"],
             "commit": commit()}
@@ -107,6 +116,7 @@ def run(
             row = dict(base, model=name, strategy=strategy, time=datetime.datetime.now().isoformat(timespec="seconds"))
             entry = None
             prepared = None
+            signal.alarm(row_timeout_s)
             try:
                 entry = zoo.get(name, size=size, device=device, **(entry_kwargs or {}).get(name, {}))
                 row["batch"] = entry.inputs[0].shape[0]
@@ -127,11 +137,15 @@ def run(
                         row["estimate_error_pct"] = round((est.peak_bytes - row["peak_bytes"]) / row["peak_bytes"] * 100, 2)
             except torch.cuda.OutOfMemoryError:
                 row["status"] = "oom"
+            except TimeoutError as error:
+                row["status"] = "timeout"
+                row["note"] = str(error)
             except Exception as error:  # a failed row is data too; keep going
                 row["status"] = "error"
                 row["note"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
                 traceback.print_exc()
             finally:
+                signal.alarm(0)
                 del entry, prepared
                 gc.collect()
                 if torch.cuda.is_available():

@@ -24,7 +24,8 @@ BENCHES = {
     "lossy": (strategies.LOSSY, ()),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({"eager_fp32": strategies.eager,
-                    **{f"convmem_tile_{n}": strategies.convmem_tile(n) for n in (1024, 2048, 4096, 8192, 16384, 32768)}}, ()),
+                    **{f"convmem_tiled_model_{n}": strategies.convmem_tiled_model(n) for n in (2048, 4096, 8192, 16384, 32768)},
+                    "convmem_tile_8192": strategies.convmem_tile(8192)}, ()),
 }
 
 
@@ -38,13 +39,15 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no row after this many seconds")
     p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the harness")
     p.add_argument("--strategies", help="comma-separated subset of the bench's strategies")
+    p.add_argument("--row-timeout-s", type=int, default=0, help="abandon a row after this many seconds")
     args = p.parse_args(argv)
     chosen, estimate_for = BENCHES[args.bench]
     if args.strategies:
         chosen = {k: v for k, v in chosen.items() if k in args.strategies.split(",")}
     out = args.out or os.path.join(RESULTS, f"{args.bench}.csv")
     harness.run(args.bench, args.models.split(","), chosen, out, size=args.size, repeats=args.repeats,
-                estimate_for=estimate_for, budget_s=args.budget_s, device=args.device)
+                estimate_for=estimate_for, budget_s=args.budget_s, device=args.device,
+                row_timeout_s=args.row_timeout_s)
     return 0
 
 

@@ -132,6 +132,19 @@ def convmem_tile(tile_length: int) -> Callable:
     return prepare
 
 
+def convmem_tiled_model(tile_length: int) -> Callable:
+    """The whole model as one tiled module (``convmem.nn.Tiled(model, n)``): only the model's input
+    and output exist at full length. Local models only (tcn, wavenet, hifigan)."""
+
+    def prepare(entry) -> Optional[Prepared]:
+        from convmem.nn.tiled import Tiled
+
+        model = Tiled(entry.model, tile_length)
+        return Prepared(model, entry.inputs, entry.loss_fn, note="Tiled(model)")
+
+    return prepare
+
+
 CONVMEM: Dict[str, Callable] = {
     "convmem_checkpoint_full": convmem_checkpoint("full"),
     "convmem_checkpoint_selective": convmem_checkpoint("selective"),

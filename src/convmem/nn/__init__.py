@@ -1,4 +1,8 @@
 """Drop-in modules: the wrappers strategies put in, and lossy replacements for Conv1d."""
 from ._wrapper import ModuleWrapper, restore_, unwrap
+from .checkpointed import Checkpointed
+from .depthwise_separable import DepthwiseSeparableConv1d
+from .downsample import DownsampleConv1d
+from .tiled import Tiled
 
-__all__ = ["ModuleWrapper", "restore_", "unwrap"]
+__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "DepthwiseSeparableConv1d", "DownsampleConv1d", "restore_", "unwrap"]

@@ -1,0 +1,62 @@
+"""How much convmem.profile's measured step costs over a plain step (hooks, events), fp32 and bf16.
+
+Each variant runs two warm-up steps then three timed steps (CUDA events, median).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from convmem import zoo  # noqa: E402
+from convmem.profile.recorder import StepRecorder  # noqa: E402
+
+
+def timed(fn, n=3):
+    times = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def main() -> int:
+    for name in sys.argv[1].split(","):
+        for dtype in (None, torch.bfloat16):
+            entry = zoo.get(name, size="default", device="cuda")
+            resident = list(entry.model.parameters()) + list(entry.inputs)
+
+            def step(recorder=None):
+                entry.model.zero_grad(set_to_none=True)
+                ctx = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
+                with recorder if recorder is not None else contextlib.nullcontext():
+                    with ctx:
+                        loss = entry.loss_fn(entry.model(*entry.inputs))
+                    loss.backward()
+
+            results = {}
+            for label, make in (
+                ("plain", lambda: None),
+                ("hooks", lambda: StepRecorder(entry.model, resident)),
+                ("hooks+timing", lambda: StepRecorder(entry.model, resident, timer_device=torch.device("cuda"))),
+            ):
+                step(make())
+                step(make())
+                results[label] = timed(lambda: step(make()))
+            print(f"{name:15s} {str(dtype):15s} " + "  ".join(f"{k} {v:9.1f} ms" for k, v in results.items()), flush=True)
+            del entry
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""convmem.infer_tiled: exact outputs for inputs of any length, streamed tile by tile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from convmem import zoo
+from convmem._metrics import relative_error
+from convmem.strategies.infer import infer_tiled
+
+TOL = 1e-10
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, length, tile",
+    [
+        ("hifigan", {"upsample_initial_channel": 32}, 60, 8),
+        ("w2v2_fe", {"norm": "layer", "channels": 16}, 6000, 700),
+        ("wavenet", {"residual_channels": 8, "gate_channels": 16, "skip_channels": 8, "classes": 16}, 6000, 1024),
+    ],
+)
+def test_equals_the_untiled_model(name, kwargs, length, tile):
+    entry = zoo.get(name, batch=2, length=length, dtype=torch.float64, **kwargs)
+    model, x = entry.model.eval(), entry.inputs[0]
+    with torch.no_grad():
+        expected = model(x)
+    actual = infer_tiled(model, x, tile)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) < TOL
+
+
+def test_writes_into_out_and_reports_progress(capsys):
+    model = nn.Sequential(nn.Conv1d(1, 3, 9, padding=4), nn.Tanh(), nn.Conv1d(3, 2, 4, stride=2)).double()
+    x = torch.randn(1, 1, 3001, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    out = torch.full_like(expected, float("nan"))
+    result = infer_tiled(model, x, 100, out=out, progress=True)
+    assert result is out and relative_error(out, expected) < TOL
+    err = capsys.readouterr().err
+    assert "infer_tiled: 100%" in err and "30/30 tiles" in err  # the 31st tile has no outputs
+
+
+def test_no_progress_bar_for_short_inputs(capsys):
+    model = nn.Conv1d(1, 1, 3, padding=1)
+    infer_tiled(model, torch.randn(1, 1, 500), 100)
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_inputs():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3, padding=1), nn.GroupNorm(1, 1))
+    with pytest.raises(ValueError, match=r"infer_tiled: cannot tile Sequential: .*'1' \(GroupNorm\)"):
+        infer_tiled(model, torch.randn(1, 1, 100), 10)
+    conv = nn.Conv1d(1, 1, 3, padding=1)
+    with pytest.raises(ValueError, match="tile_length"):
+        infer_tiled(conv, torch.randn(1, 1, 100), 0)
+    with pytest.raises(ValueError, match="out has shapes"):
+        infer_tiled(conv, torch.randn(1, 1, 100), 10, out=torch.empty(1, 1, 99))
+    with pytest.raises(TypeError, match="out must be"):
+        infer_tiled(conv, torch.randn(1, 1, 100), 10, out="y")
+    strided = nn.Conv1d(1, 1, 4, stride=4)
+    with pytest.raises(ValueError, match="shorter than its alignment period of 4"):
+        infer_tiled(strided, torch.randn(1, 1, 100), 3)
+
+
+def test_eval_mode_batch_norm_and_buffers_untouched():
+    model = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 2, 1)).double()
+    model[1].running_mean.uniform_()
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 2, 777, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    assert relative_error(infer_tiled(model, x, 50), expected) < TOL
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model.train()
+    with pytest.raises(ValueError, match="BatchNorm in train mode"):
+        infer_tiled(model, x, 50)
