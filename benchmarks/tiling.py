@@ -119,12 +119,13 @@ def infer(seconds_of_audio: int, tile_length: int) -> None:
         del fit
         reset_cuda_peak(DEVICE)
         start = time.perf_counter()
-        y = infer_tiled(model, x, tile_length, progress=False)
+        # tile_length counts the model's own input samples: mel frames for hifigan.
+        y = infer_tiled(model, x, max(tile_length // hop, 64), progress=False)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(DEVICE)
         rate = y.shape[-1] / elapsed
-        row = base_row("tiling_infer", name, f"infer_tiled_{tile_length}")
+        row = base_row("tiling_infer", name, f"infer_tiled_{max(tile_length // hop, 64)}")
         row.update(status="ok", peak_bytes=peak, peak_gib=round(peak / 2**30, 3), step_ms=elapsed * 1e3,
                    input_shape="x".join(map(str, x.shape)),
                    note=f"{y.shape[-1]} output samples ({y.shape[-1] / (16000 if hop == 1 else 22050) / 3600:.2f} h); "
