@@ -230,3 +230,19 @@ def test_bad_arguments():
         convmem.profile(nn.Conv1d(1, 1, 1))
     with pytest.raises(ValueError, match="cannot parse"):
         convmem.profile(nn.Conv1d(1, 1, 1), torch.randn(1, 1, 8), gpu_memory="lots")
+
+
+def test_recompute_is_not_kept_and_tiles_share_a_row():
+    # A tiled model recomputes in backward and runs each module once per tile in forward: the
+    # recompute keeps nothing, and the per-tile calls collapse into one row per module.
+    from convmem.nn import Tiled
+
+    entry = zoo.get("tcn", length=4096)
+    eager = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn)
+    tiled = convmem.profile(Tiled(entry.model, 1024), *entry.inputs, loss_fn=entry.loss_fn)
+    assert tiled.kept_bytes <= tiled.estimate.peak_bytes
+    assert tiled.estimate.peak_bytes < eager.estimate.peak_bytes / 2
+    names = [r.label for r in tiled.rows]
+    assert len(names) == len(set(names)) + 1  # the wrapper and the model it wraps are both "(model)"
+    assert max(r.calls for r in tiled.rows) > 1
+    assert not any("wrapped" in n for n in names)

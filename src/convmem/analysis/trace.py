@@ -159,7 +159,15 @@ _IDENTITY = _ops(
     "empty_like", "zeros_like", "ones_like", "full_like", "resolve_conj", "resolve_neg",
 )
 # Pointwise ops that PyTorch does not tag as such.
-_POINTWISE = _ops("_prelu_kernel", "where", "masked_fill", "masked_fill_")
+# Pointwise ops beyond those tagged ``pointwise``: some activations lack the tag in older releases
+# (leaky_relu in PyTorch 2.11), and a missing tag must not refuse an exact tiling.
+_POINTWISE = _ops(
+    "_prelu_kernel", "where", "masked_fill", "masked_fill_", "leaky_relu", "leaky_relu_", "gelu", "gelu_",
+    "silu", "silu_", "elu", "elu_", "celu", "selu", "hardtanh", "hardtanh_", "relu", "relu_", "relu6",
+    "threshold", "sigmoid", "tanh", "softplus", "mish", "hardswish", "hardsigmoid", "clamp", "clamp_min",
+    "clamp_max", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "erf", "square", "reciprocal",
+    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "logaddexp",
+)
 _TIME_REDUCTIONS = _ops(
     "sum", "mean", "amax", "amin", "var", "std", "var_mean", "std_mean", "prod", "logsumexp",
     "linalg_vector_norm", "norm", "max", "min", "argmax", "argmin", "any", "all", "nansum", "count_nonzero",

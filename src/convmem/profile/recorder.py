@@ -12,6 +12,11 @@ autograd saves to the innermost call that is running, and autograd-node hooks ti
 # its weight and, for the first layer, the input). Meta storages have no address, so identity is
 # the storage object itself (PyTorch keeps one Python object per live storage).
 
+# Modules that run again *during* backward -- the recompute of a checkpointed or tiled module --
+# keep nothing between forward and backward: their calls are marked `in_backward`, what they save
+# is not kept (it lives only while their backward runs, and the live set counts it as transient),
+# and the report leaves their rows out.
+
 # NOTE [Backward time per module]
 # Full backward hooks (``register_full_backward_hook``) wrap a module's inputs and outputs in an
 # extra autograd function, which breaks in-place ops on those outputs in third-party models. We
@@ -49,6 +54,8 @@ class ModuleCall:
     forward_s: Optional[float] = None
     backward_s: Optional[float] = None
     children: List["ModuleCall"] = dataclasses.field(default_factory=list)
+    in_backward: bool = False
+    grad_enabled: bool = True
     input_shapes: List[tuple] = dataclasses.field(default_factory=list, repr=False)
     module: Optional[nn.Module] = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -98,6 +105,11 @@ class _Timer:
         return end - start
 
 
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _next_sequence_nr() -> int:
     # The autograd sequence counter is thread-local and not exposed; a throw-away node reads it.
     probe = torch.ones((), requires_grad=True).expand(())
@@ -140,6 +152,8 @@ class StepRecorder:
     # -- kept bytes -------------------------------------------------------------------------
     def _pack(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
+        if _in_backward():
+            return tensor  # a recompute inside backward: NOTE [Kept bytes]
         if storage not in self._excluded and storage not in self._saved:
             owner = self._stack[-1] if self._stack else self.loss_call
             self._saved[storage] = owner
@@ -162,7 +176,8 @@ class StepRecorder:
             index = self._call_counts.get(name, 0)
             self._call_counts[name] = index + 1
             parent = self._stack[-1] if self._stack else None
-            call = ModuleCall(name, type(module).__name__, index, len(self._stack), parent)
+            call = ModuleCall(name, type(module).__name__, index, len(self._stack), parent, in_backward=_in_backward(),
+                              grad_enabled=torch.is_grad_enabled())
             call.param_bytes, call.grad_bytes = _param_bytes(module)
             call.input_shapes = [tuple(t.shape) for t in tensors_in(args)]
             if parent is not None:
@@ -170,7 +185,8 @@ class StepRecorder:
             self.calls.append(call)
             self._stack.append(call)
             if self._timer is not None:
-                self._watermarks[id(call)] = _next_sequence_nr()
+                if call.grad_enabled:
+                    self._watermarks[id(call)] = _next_sequence_nr()
                 self._fwd_marks[id(call)] = self._timer.mark()
 
         return hook
@@ -182,7 +198,7 @@ class StepRecorder:
             call.output_bytes = unique_storage_bytes(outputs)
             if self._timer is not None:
                 call.forward_s = self._fwd_marks.pop(id(call)), self._timer.mark()
-                if torch.is_grad_enabled():
+                if call.grad_enabled:
                     self._claim_nodes(call, outputs)
 
         return hook

@@ -30,6 +30,7 @@ class ModuleRow:
     output_bytes: int
     forward_s: Optional[float] = None
     backward_s: Optional[float] = None
+    calls: int = 1  # no-grad calls of one module (tiles of a tiled forward) share one row
 
 
 @dataclasses.dataclass
@@ -57,12 +58,23 @@ def build_rows(estimate: StepEstimate, measured: Optional[StepMeasurement]) -> L
     if measured is not None:
         times = {(c.name, c.call_index): (c.forward_s, c.backward_s) for c in measured.calls}
     rows = []
+    no_grad_rows: Dict[str, ModuleRow] = {}
     for call in estimate.calls + [estimate.loss_call]:
+        if call.in_backward:
+            continue  # a recompute (checkpoint, tiling): NOTE [Kept bytes]
         forward_s, backward_s = times.get((call.name, call.call_index), (None, None))
+        if not call.grad_enabled and call.name in no_grad_rows:
+            # Calls under no_grad keep nothing (a tiled forward runs each module once per tile).
+            row = no_grad_rows[call.name]
+            row.calls += 1
+            row.output_bytes = max(row.output_bytes, call.output_bytes)
+            if forward_s is not None and row.forward_s is not None:
+                row.forward_s += forward_s
+            continue
         rows.append(
             ModuleRow(
                 name=call.name,
-                label=call.label or "(model)",
+                label=_readable(call.label) or "(model)",
                 module_type=call.module_type,
                 depth=call.depth,
                 param_bytes=call.param_bytes,
@@ -74,6 +86,8 @@ def build_rows(estimate: StepEstimate, measured: Optional[StepMeasurement]) -> L
                 backward_s=backward_s,
             )
         )
+        if not call.grad_enabled:
+            no_grad_rows[call.name] = rows[-1]
     return rows
 
 
@@ -236,6 +250,11 @@ class MemoryProfile:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def _readable(label: str) -> str:
+    """``blocks.wrapped.0.conv`` -> ``blocks.0.conv``: wrappers keep state_dict names, so do rows."""
+    return ".".join(part for part in label.split(".") if part != "wrapped")
 
 
 def _ms(seconds: Optional[float]) -> str:
