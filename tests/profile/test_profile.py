@@ -237,7 +237,7 @@ def test_recompute_is_not_kept_and_tiles_share_a_row():
     # recompute keeps nothing, and the per-tile calls collapse into one row per module.
     from convmem.nn import Tiled
 
-    entry = zoo.get("tcn", length=4096)
+    entry = zoo.get("tcn", length=8192)
     eager = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn)
     tiled = convmem.profile(Tiled(entry.model, 1024), *entry.inputs, loss_fn=entry.loss_fn)
     assert tiled.kept_bytes <= tiled.estimate.peak_bytes
