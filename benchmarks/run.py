@@ -23,9 +23,14 @@ BENCHES = {
     "strategies": (strategies.CONVMEM, ()),
     "lossy": (strategies.LOSSY, ()),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
-    "tile_curve": ({"eager_fp32": strategies.eager,
-                    **{f"convmem_tiled_model_{n}": strategies.convmem_tiled_model(n) for n in (2048, 4096, 8192, 16384, 32768)},
-                    "convmem_tile_8192": strategies.convmem_tile(8192)}, ()),
+    "tile_curve": ({
+        "eager_fp32": strategies.eager,
+        "convmem_tiled_model_4096_oldfwd": strategies.convmem_tiled_model(4096, forward_tile_length=4096),
+        **{f"convmem_tiled_model_{n}": strategies.convmem_tiled_model(n) for n in (4096, 8192, 16384, 32768)},
+        "convmem_tiled_model_8192_batch2": strategies.convmem_tiled_model(8192, batch_chunk=2),
+        **{f"convmem_tiled_model_{n}_batch1": strategies.convmem_tiled_model(n, batch_chunk=1) for n in (16384, 21846)},
+        "convmem_tile_8192": strategies.convmem_tile(8192),
+    }, ()),
 }
 
 

@@ -132,15 +132,16 @@ def convmem_tile(tile_length: int) -> Callable:
     return prepare
 
 
-def convmem_tiled_model(tile_length: int) -> Callable:
-    """The whole model as one tiled module (``convmem.nn.Tiled(model, n)``): only the model's input
-    and output exist at full length. Local models only (tcn, wavenet, hifigan)."""
+def convmem_tiled_model(tile_length: int, **options) -> Callable:
+    """The whole model as one tiled module (``convmem.nn.Tiled(model, n, **options)``): only the
+    model's input and output exist at full length. Local models only (tcn, wavenet, hifigan)."""
 
     def prepare(entry) -> Optional[Prepared]:
         from convmem.nn.tiled import Tiled
 
-        model = Tiled(entry.model, tile_length)
-        return Prepared(model, entry.inputs, entry.loss_fn, note="Tiled(model)")
+        model = Tiled(entry.model, tile_length, **options)
+        extra = "".join(f", {k}={v}" for k, v in options.items())
+        return Prepared(model, entry.inputs, entry.loss_fn, note=f"Tiled(model{extra})")
 
     return prepare
 

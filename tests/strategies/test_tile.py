@@ -46,7 +46,14 @@ def _caught(fn):
 def test_config_round_trips_and_validates():
     config = TileConfig(4096, length_axis=1, verify=False)
     assert TileConfig.from_dict(config.to_dict()) == config
-    assert config.to_dict() == {"tile_length": 4096, "length_axis": 1, "verify": False}
+    assert config.to_dict() == {"tile_length": 4096, "length_axis": 1, "verify": False,
+                                "forward_tile_length": None, "batch_chunk": None}
+    config = TileConfig(4096, forward_tile_length=32768, batch_chunk=1)
+    assert TileConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="tile_: forward_tile_length 2048 is shorter than tile_length 4096"):
+        TileConfig(4096, forward_tile_length=2048)
+    with pytest.raises(ValueError, match="tile_: batch_chunk must be None or a positive integer"):
+        TileConfig(4096, batch_chunk=0)
     for bad in (0, -1, 1.5, "4096", True):
         with pytest.raises(ValueError, match="tile_length must be a positive integer"):
             TileConfig(bad)
@@ -160,3 +167,18 @@ def test_composes_with_checkpoint_(order):
     assert isinstance(optimized.blocks, Tiled)
     assert_same_step(entry.model, optimized, entry.inputs, entry.loss_fn)
     assert optimized.blocks.last_windows == 6
+
+
+def test_forward_windows_and_batch_chunks_reach_every_tiled_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 1),
+        nn.Sequential(nn.Conv1d(4, 4, 5, padding=2), nn.GELU(), nn.Conv1d(4, 4, 3, padding=1)),
+        nn.AdaptiveAvgPool1d(1),
+    ).double()
+    reference = twin(model)
+    tile_(model, TileConfig(16, forward_tile_length=64, batch_chunk=1))
+    tiled = [m for m in model.modules() if isinstance(m, Tiled)]
+    assert tiled and all(m.forward_tile_length == 64 and m.batch_chunk == 1 for m in tiled)
+    assert_same_step(reference, model, (torch.randn(3, 2, 150, dtype=torch.float64),), tol=1e-10)
+    assert tiled[0].last_windows == 10 and tiled[0].last_forward_windows == 3

@@ -15,12 +15,36 @@ the untiled module's up to floating-point reassociation.
 # the untiled module (gradient hooks, DDP). Autocast state is captured in forward and re-entered in
 # backward, as torch.utils.checkpoint does.
 
+# NOTE [Forward windows]
+# Forward keeps nothing, so its windows need not be as small as backward's: under no_grad only a few
+# activations of one window are alive at a time, while backward's recomputation keeps all of them.
+# Forward (and inference) therefore runs over windows of `forward_tile_length` input samples, by
+# default a multiple of `tile_length` that grows with the module's depth (one per four layers with
+# parameters, at most 8: a deep stack keeps ~2 activations per layer for backward and ~3 in all
+# under no_grad), scaled by the batch chunk's share of the batch when backward splits the batch.
+# Fewer forward windows mean less halo recomputed and fewer kernel launches; an input shorter than
+# one forward window runs its forward untiled. Backward plans its own windows of `tile_length`.
+# Both plans are exact (the same analysis) and cached per input length and batch.
+
+# NOTE [Batch chunks]
+# Backward memory is one window's activations times the batch. With `batch_chunk`, backward
+# recomputes and back-propagates each window `batch_chunk` samples at a time: memory falls by the
+# number of chunks at the same tile length, so a longer tile (less halo) fits the same memory.
+# This is exact for modules that treat samples independently: the batch is dim 0 of the input and
+# of every output (the time axis elsewhere), no other tensor argument (which might have to match the
+# batch) is passed, and the module does not couple samples (train-mode BatchNorm is already refused
+# as non-local). Verification (NOTE [Verify before use]) also runs two different samples together
+# and one at a time and refuses the chunking if they differ. Forward is not chunked: it keeps
+# nothing, and its windows are sized for the whole batch (NOTE [Forward windows]).
+
 # NOTE [Verify before use]
 # The first call with a new input signature (shape without batch and length, dtype, device,
 # train/eval modes, extra arguments) analyses the module (`receptive_field`: the analytic trace,
 # then the gradient probe) and verifies the tiling: a prefix of the real input (batch of one when
 # no other tensor is passed) runs tiled, in at least two tiles where the prefix allows, and untiled;
-# the outputs must agree to within floating-point reassociation (`_TOLERANCE`). A module that is
+# the outputs must agree to within floating-point reassociation (`_TOLERANCE`). With batch chunks
+# a batch of two different samples (the first two of the input, or the first and its time reversal)
+# runs together and sample by sample and must agree as well (NOTE [Batch chunks]). A module that is
 # not length-local, or whose tiling disagrees, is refused with the reason; it is never approximated.
 # On the meta device (convmem.profile's estimate) there are no values: the analysis alone decides.
 
@@ -49,7 +73,7 @@ from ..analysis.receptive_field import (
 from ..analysis.windows import Window, plan_windows
 from ._wrapper import ModuleWrapper
 
-__all__ = ["Tiled", "check_tile_length", "check_tiling"]
+__all__ = ["Tiled", "check_batch_chunk", "check_forward_tile_length", "check_tile_length", "check_tiling"]
 
 # Largest |tiled - untiled| accepted, relative to max |untiled|, by dtype (NOTE [Verify before use]).
 # A window runs the same ops as the full input, but kernels may pick other algorithms and blockings
@@ -66,6 +90,53 @@ def check_tile_length(tile_length: Any) -> int:
     return tile_length
 
 
+def check_forward_tile_length(forward_tile_length: Any, tile_length: int) -> Optional[int]:
+    """`forward_tile_length` (None or an int >= `tile_length`), or a ValueError saying what is wrong."""
+    if forward_tile_length is None:
+        return None
+    if isinstance(forward_tile_length, bool) or not isinstance(forward_tile_length, int) or forward_tile_length < 1:
+        raise ValueError(
+            f"forward_tile_length must be None or a positive integer number of input samples, got {forward_tile_length!r}"
+        )
+    if forward_tile_length < tile_length:
+        raise ValueError(
+            f"forward_tile_length {forward_tile_length} is shorter than tile_length {tile_length}: forward keeps "
+            "nothing, so windows shorter than backward's save no memory (NOTE [Forward windows])"
+        )
+    return forward_tile_length
+
+
+def check_batch_chunk(batch_chunk: Any) -> Optional[int]:
+    """`batch_chunk` (None or a positive int), or a ValueError saying what is wrong with it."""
+    if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(batch_chunk, int) or batch_chunk < 1):
+        raise ValueError(f"batch_chunk must be None or a positive integer number of samples, got {batch_chunk!r}")
+    return batch_chunk
+
+
+# Forward windows hold at most this many times a backward window's samples (NOTE [Forward windows]).
+_FORWARD_MULTIPLE = 8
+_PLANS_KEPT = 256  # window plans cached per Tiled module (by signature, length and batch)
+
+
+def _parameter_layers(module: nn.Module) -> int:
+    """Leaf modules with parameters: the layers whose activations backward keeps."""
+    return sum(1 for m in module.modules() if not list(m.children()) and next(m.parameters(), None) is not None)
+
+
+def _forward_multiple(module: nn.Module) -> int:
+    """How many backward windows' worth of samples a default forward window holds (NOTE [Forward windows])."""
+    return min(_FORWARD_MULTIPLE, max(1, _parameter_layers(module) // 4))
+
+
+def _batch_chunk_problem(x: torch.Tensor, axis: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[str]:
+    """Why the batch of `x` cannot be split for backward (NOTE [Batch chunks]), or None."""
+    if x.ndim < 2 or axis == 0:
+        return f"the input of shape {tuple(x.shape)} with time on axis {axis} has no batch axis 0"
+    if any(isinstance(v, torch.Tensor) for v in tree_flatten((tuple(args), dict(kwargs)))[0]):
+        return "the module takes other tensor arguments, which may have to match the batch"
+    return None
+
+
 class _Runner:
     """One call of the wrapped module over a list of windows (no autograd here).
 
@@ -74,8 +145,11 @@ class _Runner:
     """
 
     def __init__(self, module: nn.Module, rf: ReceptiveField, windows: List[Window], axis: int,
-                 args: Sequence[Any], kwargs: Dict[str, Any]):
+                 args: Sequence[Any], kwargs: Dict[str, Any], forward_windows: Optional[List[Window]] = None,
+                 batch_chunk: Optional[int] = None):
         self.module, self.rf, self.windows, self.axis = module, rf, windows, axis
+        self.forward_windows = windows if forward_windows is None else forward_windows  # NOTE [Forward windows]
+        self.batch_chunk = batch_chunk  # samples per backward call, None for the whole batch (NOTE [Batch chunks])
         self.leaves, self.spec = tree_flatten((tuple(args), dict(kwargs)))
         self.grad_index = [i for i, v in enumerate(self.leaves) if isinstance(v, torch.Tensor) and v.requires_grad]
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -108,7 +182,7 @@ class _Runner:
     def forward(self, x: torch.Tensor, grad_leaves: Sequence[torch.Tensor],
                 outs: Optional[Sequence[torch.Tensor]] = None, move=None, allocate=None,
                 progress=None) -> Tuple[torch.Tensor, ...]:
-        """Every window in turn; each tile's own outputs are copied into full-length `outs`.
+        """Every forward window in turn; each tile's own outputs are copied into full-length `outs`.
 
         `move(window)` brings a window to the module's device (infer_tiled streams from the CPU);
         `outs` may be given (preallocated, on any device, checked against the first tile), else
@@ -116,10 +190,11 @@ class _Runner:
         `progress(stop)` is told the input position each window ends at.
         """
         lengths = self.rf.output_lengths(x.shape[self.axis])
-        for w in self.windows:
+        windows = self.forward_windows
+        for w in windows:
             window = self.window(x, w)
             tensors = self.call(move(window) if move is not None else window, grad_leaves)
-            if outs is None or w is self.windows[0]:
+            if outs is None or w is windows[0]:
                 shapes = []
                 for t, omap, n in zip(tensors, self.rf.outputs, lengths):
                     shape = list(t.shape)
@@ -135,6 +210,13 @@ class _Runner:
                         f"out has shapes {[tuple(o.shape) for o in outs]}; the outputs have shapes "
                         f"{[tuple(s) for s in shapes]}"
                     )
+                if self.batch_chunk is not None:
+                    for i, (t, omap) in enumerate(zip(tensors, self.rf.outputs)):
+                        if t.ndim < 2 or omap.axis == 0 or t.shape[0] != x.shape[0]:
+                            raise ValueError(
+                                f"batch_chunk needs the batch on axis 0 of every output; output {i} has shape "
+                                f"{tuple(t.shape)} (time on axis {omap.axis}) for a batch of {x.shape[0]}"
+                            )
             for out, t, omap, (offset, first, count) in zip(outs, tensors, self.rf.outputs, w.crops):
                 produced = t.shape[omap.axis] - offset
                 at_end = w.stop == x.shape[self.axis] and first + count == out.shape[omap.axis]
@@ -194,13 +276,18 @@ class _TiledFunction(torch.autograd.Function):
         grad_x = torch.zeros_like(x) if need_x else None
         grad_extras: List[Optional[torch.Tensor]] = [None] * len(extras)
         grad_params: List[Optional[torch.Tensor]] = [None] * len(runner.params)
+        batch = x.shape[0]
+        chunk = batch if runner.batch_chunk is None else min(runner.batch_chunk, batch)
         autocast = torch.autocast(**ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext()
         with torch.enable_grad(), autocast:
-            for w in runner.windows:
+            starts = range(0, batch, chunk) if chunk < batch else (0,)
+            for w, b in ((w, b) for w in runner.windows for b in starts):
                 wanted = [k for k, (g, crop) in enumerate(zip(grads, w.crops)) if g is not None and crop[2]]
                 if not wanted:
                     continue
-                xw = runner.window(x, w).detach().requires_grad_(need_x)
+                rows = batch if chunk == batch else min(chunk, batch - b)  # NOTE [Batch chunks]
+                xb = x if chunk == batch else x.narrow(0, b, rows)
+                xw = runner.window(xb, w).detach().requires_grad_(need_x)
                 leaves = [e.detach().requires_grad_(i in extra_wrt) for i, e in enumerate(extras)]
                 tensors = runner.call(xw, leaves)
                 outs, seeds = [], []
@@ -209,7 +296,8 @@ class _TiledFunction(torch.autograd.Function):
                     axis = runner.rf.outputs[k].axis
                     if tensors[k].requires_grad:
                         outs.append(tensors[k].narrow(axis, offset, count))
-                        seeds.append(grads[k].narrow(axis, first, count))
+                        seed = grads[k] if chunk == batch else grads[k].narrow(0, b, rows)
+                        seeds.append(seed.narrow(axis, first, count))
                 inputs = ([xw] if need_x else []) + [leaves[i] for i in extra_wrt] + [runner.params[i] for i in param_wrt]
                 if not outs or not inputs:
                     continue
@@ -217,7 +305,8 @@ class _TiledFunction(torch.autograd.Function):
                 if need_x:
                     g = got.pop(0)
                     if g is not None:
-                        grad_x.narrow(runner.axis, w.start, w.stop - w.start).add_(g)
+                        gb = grad_x if chunk == batch else grad_x.narrow(0, b, rows)
+                        gb.narrow(runner.axis, w.start, w.stop - w.start).add_(g)
                 for store, index in ((grad_extras, extra_wrt), (grad_params, param_wrt)):
                     for i in index:
                         g = got.pop(0)
@@ -235,7 +324,18 @@ class Tiled(ModuleWrapper):
             to every tile unchanged (tensors among them must not have a time axis).
         tile_length: input samples per tile; rounded down to a multiple of the module's alignment
             period (its total stride for a downsampling stack: 320 for wav2vec 2.0's encoder).
-            An input shorter than a tile runs untiled, as one tile.
+            An input shorter than a tile runs untiled, as one tile. This is backward's window, which
+            sets the memory.
+        forward_tile_length: input samples per window of the forward pass (and of inference), which
+            keeps nothing (NOTE [Forward windows]); at least `tile_length`. Default: `tile_length`
+            times one per four layers with parameters (1 to 8), times the batch chunk's share of the
+            batch (``max(1, multiple * batch_chunk // batch)``). ``forward_tile_length=tile_length``
+            runs forward in backward's windows.
+        batch_chunk: samples per backward recomputation (NOTE [Batch chunks]); None (default)
+            recomputes the whole batch at once. Backward memory falls by the number of chunks, so a
+            longer tile fits the same memory. Needs the batch on axis 0 of the input and outputs, no
+            other tensor argument, and samples the module treats independently (verified, unless
+            ``verify=False``; a module that couples them is refused like a non-local one).
         length_axis: the time axis of the input.
         verify: check the tiling against the untiled module on a prefix of the first input of every
             new signature (NOTE [Verify before use]).
@@ -248,9 +348,10 @@ class Tiled(ModuleWrapper):
     Dropout, ...); at the first call for a non-local forward, or a tile shorter than the period.
 
     Memory: training keeps the input and output at full length; everything inside the module
-    exists for one window at a time (forward and backward). Time: about one extra forward of the
-    module, plus the halos (``(left + right) / tile_length`` of the work), plus a one-off analysis
-    and verification at the first call of each input signature.
+    exists for one window at a time (forward and backward; for backward, one batch chunk of it).
+    Time: about one extra forward of the module, plus the halos (``(left + right) / tile_length`` of
+    backward's work, ``/ forward_tile_length`` of forward's), plus a one-off analysis and
+    verification at the first call of each input signature.
 
     Numerics: the same ops on shorter inputs; results differ from the untiled module only by
     floating-point reassociation (kernels may block sums differently for other shapes).
@@ -262,9 +363,12 @@ class Tiled(ModuleWrapper):
         >>> y = tiled(torch.randn(8, 64, 1_000_000))      # same numbers as block(x), bounded memory
     """
 
-    def __init__(self, module: nn.Module, tile_length: int, *, length_axis: int = -1, verify: bool = True,
+    def __init__(self, module: nn.Module, tile_length: int, *, forward_tile_length: Optional[int] = None,
+                 batch_chunk: Optional[int] = None, length_axis: int = -1, verify: bool = True,
                  on_refuse: str = "raise", name: Optional[str] = None):
         tile_length = check_tile_length(tile_length)
+        forward_tile_length = check_forward_tile_length(forward_tile_length, tile_length)
+        batch_chunk = check_batch_chunk(batch_chunk)
         if on_refuse not in ("raise", "warn"):
             raise ValueError(f"on_refuse must be 'raise' or 'warn', got {on_refuse!r}")
         if not isinstance(module, nn.Module):
@@ -280,15 +384,22 @@ class Tiled(ModuleWrapper):
             )
         super().__init__(module)
         self.tile_length = tile_length
+        self.forward_tile_length = forward_tile_length
+        self.batch_chunk = batch_chunk
         self.length_axis = length_axis
         self.verify = verify
         self.on_refuse = on_refuse
         self.name = name
-        self.last_windows = 0  # windows of the last call: 1 means it ran untiled
+        self.last_windows = 0  # backward windows of the last call: 1 means it ran untiled
+        self.last_forward_windows = 0  # forward windows of the last call (NOTE [Forward windows])
         self._fields: Dict[Any, Optional[ReceptiveField]] = {}
+        self._plans: Dict[Any, Tuple[List[Window], List[Window], Optional[int]]] = {}
+        self._multiple = _forward_multiple(module)
 
     def extra_repr(self) -> str:
-        return f"tile_length={self.tile_length}"
+        extra = f", forward_tile_length={self.forward_tile_length}" if self.forward_tile_length is not None else ""
+        extra += f", batch_chunk={self.batch_chunk}" if self.batch_chunk is not None else ""
+        return f"tile_length={self.tile_length}{extra}"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if _trace.is_active():
@@ -296,37 +407,79 @@ class Tiled(ModuleWrapper):
         if not isinstance(x, torch.Tensor) or x.ndim == 0:
             raise TypeError(f"{self.name}: the first argument must be a sequence tensor, got {type(x).__name__}")
         axis = self.length_axis % x.ndim
-        rf, windows = self._plan(x, axis, args, kwargs)
-        if rf is None or len(windows) == 1:
+        rf, windows, forward_windows, chunk = self._plan(x, axis, args, kwargs)
+        if rf is None:
             return self.wrapped(x, *args, **kwargs)
-        runner = _Runner(self.wrapped, rf, windows, axis, args, kwargs)
+        runner = _Runner(self.wrapped, rf, windows, axis, args, kwargs, forward_windows, chunk)
         if torch.is_grad_enabled() and (x.requires_grad or runner.params or runner.grad_index):
+            if len(windows) == 1 and chunk is None:
+                return self.wrapped(x, *args, **kwargs)
             outs = _TiledFunction.apply(runner, x, *runner.grad_leaves, *runner.params)
+        elif len(forward_windows) == 1:
+            return self.wrapped(x, *args, **kwargs)
         else:
             outs = runner.forward(x, runner.grad_leaves)
         return runner.unflatten(outs)
 
     @torch.compiler.disable
-    def _plan(self, x: torch.Tensor, axis: int, args, kwargs) -> Tuple[Optional[ReceptiveField], List[Window]]:
-        """The analysis (once per signature) and this input's windows.
+    def _plan(self, x: torch.Tensor, axis: int, args,
+              kwargs) -> Tuple[Optional[ReceptiveField], List[Window], List[Window], Optional[int]]:
+        """The analysis (once per signature), this input's backward and forward windows, and the batch
+        chunk (None: the whole batch at once). Cached per signature, length and batch.
 
         # NOTE [Tiling under torch.compile]
         # Analysis, probe and verification (a dispatch-mode trace, deep copies, autograd probes) and
         # window planning (exact fractions) are plain Python that runs eagerly: torch.compile breaks
         # the graph here and compiles the module calls of the tiles around it.
         """
-        rf = self.receptive_field(x, *args, **kwargs)
-        windows = [] if rf is None else plan_windows(rf, x.shape[axis], self.tile_length // rf.period * rf.period)
-        self.last_windows = max(1, len(windows))
-        return rf, windows
+        key = self._signature(x, axis, args, kwargs)
+        rf = self._receptive_field(key, x, axis, args, kwargs)
+        if rf is None:
+            self.last_windows = self.last_forward_windows = 1
+            return None, [], [], None
+        batch = x.shape[0] if x.ndim > 1 and axis != 0 else 1
+        plan_key = (key, x.shape[axis], batch)
+        if plan_key not in self._plans:
+            if len(self._plans) >= _PLANS_KEPT:  # lengths that vary every step: keep the cache bounded
+                self._plans.clear()
+            chunk = self._chunk(x, axis, args, kwargs)
+            length, period = x.shape[axis], rf.period
+            tile = self.tile_length // period * period
+            if self.forward_tile_length is not None:
+                forward_tile = max(tile, self.forward_tile_length // period * period)
+            else:  # NOTE [Forward windows]: about `multiple` backward windows' worth of samples
+                forward_tile = tile * max(1, self._multiple * (chunk or batch) // max(batch, 1))
+            windows = plan_windows(rf, length, tile)
+            forward_windows = windows if forward_tile == tile else plan_windows(rf, length, forward_tile)
+            self._plans[plan_key] = (windows, forward_windows, chunk)
+        windows, forward_windows, chunk = self._plans[plan_key]
+        self.last_windows, self.last_forward_windows = max(1, len(windows)), max(1, len(forward_windows))
+        return rf, windows, forward_windows, chunk
+
+    def _chunk(self, x: torch.Tensor, axis: int, args, kwargs) -> Optional[int]:
+        """`batch_chunk` where it splits this input's batch, else None (NOTE [Batch chunks])."""
+        if self.batch_chunk is None:
+            return None
+        problem = _batch_chunk_problem(x, axis, args, kwargs)
+        if problem is not None:
+            message = f"{self.name}: batch_chunk={self.batch_chunk} cannot split the batch: {problem}"
+            if self.on_refuse == "raise":
+                raise ValueError(message)
+            warnings.warn(message + "; backward recomputes the whole batch", stacklevel=3)
+            return None
+        return self.batch_chunk if self.batch_chunk < x.shape[0] else None
 
     def receptive_field(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Optional[ReceptiveField]:
         """The verified analysis for inputs like `x` (cached per signature); None if refused with a warning."""
         axis = self.length_axis % x.ndim
-        key = self._signature(x, axis, args, kwargs)
+        return self._receptive_field(self._signature(x, axis, args, kwargs), x, axis, args, kwargs)
+
+    def _receptive_field(self, key: tuple, x: torch.Tensor, axis: int, args, kwargs) -> Optional[ReceptiveField]:
         if key in self._fields:
             return self._fields[key]
-        rf, problem = check_tiling(self.wrapped, x, args, kwargs, axis, self.tile_length, self.verify)
+        batches = self.batch_chunk is not None and _batch_chunk_problem(x, axis, args, kwargs) is None
+        rf, problem = check_tiling(self.wrapped, x, args, kwargs, axis, self.tile_length, self.verify,
+                                   batch_chunks=batches)
         if problem is not None:
             message = f"cannot tile {self.name}: {problem}"
             if self.on_refuse == "raise":
@@ -356,12 +509,13 @@ class Tiled(ModuleWrapper):
 
 
 def check_tiling(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs: Dict[str, Any], axis: int,
-                 tile_length: int, verify: bool = True,
-                 device: Optional[torch.device] = None) -> Tuple[ReceptiveField, Optional[str]]:
+                 tile_length: int, verify: bool = True, device: Optional[torch.device] = None,
+                 batch_chunks: bool = False) -> Tuple[ReceptiveField, Optional[str]]:
     """Analyse, probe and verify tiling `module` in tiles of `tile_length` (NOTE [Verify before use]).
 
     Returns the analysis and None, or the analysis and why the tiling is refused. Probe and
-    verification run on a prefix of `x` (batch of one where possible) moved to `device`.
+    verification run on a prefix of `x` (batch of one where possible) moved to `device`. With
+    `batch_chunks`, verification also checks that samples are independent (NOTE [Batch chunks]).
     """
     rf = analyse(module, x, args, kwargs, axis)
     if not rf.local:
@@ -389,7 +543,42 @@ def check_tiling(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs
         rf = probe(module, prefix, args, kwargs, axis, rf)
         if not rf.local:
             return rf, rf.explain()
-        return rf, (_verify(module, rf, prefix, axis, args, kwargs, tile) if verify else None)
+        if not verify:
+            return rf, None
+        problem = _verify(module, rf, prefix, axis, args, kwargs, tile)
+        if problem is None and batch_chunks:
+            pair = x.detach().narrow(axis, 0, prefix.shape[axis])
+            pair = pair[:2] if pair.shape[0] >= 2 else torch.cat([pair[:1], pair[:1].flip(axis)])
+            problem = _verify_batch(module, rf, pair.to(prefix.device), args, kwargs)
+        return rf, problem
+
+
+def _tolerance(t: torch.Tensor) -> float:
+    return _TOLERANCE_CUDA_FLOAT32 if (t.dtype == torch.float32 and t.is_cuda) else _TOLERANCE.get(t.dtype, 1e-2)
+
+
+def _verify_batch(module: nn.Module, rf: ReceptiveField, x: torch.Tensor, args, kwargs) -> Optional[str]:
+    """None if running the samples of `x` one at a time equals running them together (NOTE [Batch chunks])."""
+    with torch.no_grad(), buffers_kept(module):
+        together = [t for t in tree_flatten(module(x, *args, **kwargs))[0] if isinstance(t, torch.Tensor)]
+        apart = [[t for t in tree_flatten(module(x[i:i + 1], *args, **kwargs))[0] if isinstance(t, torch.Tensor)]
+                 for i in range(x.shape[0])]
+    for k, (t, omap) in enumerate(zip(together, rf.outputs)):
+        if t.ndim < 2 or omap.axis == 0 or t.shape[0] != x.shape[0]:
+            return f"batch_chunk: output {k} of shape {tuple(t.shape)} has no batch on axis 0"
+        expected = torch.cat([a[k] for a in apart])
+        if not t.is_floating_point():
+            differs = not torch.equal(t, expected)
+        else:
+            tolerance = _tolerance(t)
+            scale = expected.double().abs().max().item() if expected.numel() else 0.0
+            differs = bool(expected.numel()) and (t.double() - expected.double()).abs().max().item() > tolerance * max(scale, 1e-30)
+        if differs:
+            return (
+                f"batch_chunk: output {k} for a batch of {x.shape[0]} differs from running the samples one at a time; "
+                "the module couples the samples of a batch, so backward cannot split it (leave batch_chunk=None)"
+            )
+    return None
 
 
 def _verify(module: nn.Module, rf: ReceptiveField, x: torch.Tensor, axis: int, args, kwargs, tile: int) -> Optional[str]:
@@ -410,7 +599,7 @@ def _verify(module: nn.Module, rf: ReceptiveField, x: torch.Tensor, axis: int, a
             continue
         error = (a.double() - e.double()).abs()
         scale = e.double().abs().max().item() if e.numel() else 0.0
-        tolerance = _TOLERANCE_CUDA_FLOAT32 if (e.dtype == torch.float32 and e.is_cuda) else _TOLERANCE.get(e.dtype, 1e-2)
+        tolerance = _tolerance(e)
         if error.numel() and error.max().item() > tolerance * max(scale, 1e-30):
             where = error.flatten().argmax().item()
             axis_out = rf.outputs[i].axis

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..analysis.receptive_field import analyse, known_refusal
 from ..nn._wrapper import ModuleWrapper
-from ..nn.tiled import Tiled, check_tile_length
+from ..nn.tiled import Tiled, _parameter_layers, check_batch_chunk, check_forward_tile_length, check_tile_length
 from ..profile.estimate import meta_clone, to_meta
 from ._lossy import ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped
 
@@ -44,7 +44,10 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 class TileConfig(ConfigDict):
     """``tile_length``: input samples per tile (rounded down to each module's alignment period);
     ``length_axis``: the time axis of the modules' inputs; ``verify``: check each tiling against
-    the untiled module at its first call (NOTE [Verify before use] in convmem/nn/tiled.py).
+    the untiled module at its first call (NOTE [Verify before use] in convmem/nn/tiled.py);
+    ``forward_tile_length``: input samples per forward window (None: a multiple of `tile_length`
+    growing with each module's depth, NOTE [Forward windows]); ``batch_chunk``: samples per backward
+    recomputation (None: the whole batch, NOTE [Batch chunks]).
 
     Example: ``TileConfig.from_dict(TileConfig(4096).to_dict()) == TileConfig(4096)``.
     """
@@ -52,6 +55,8 @@ class TileConfig(ConfigDict):
     tile_length: int
     length_axis: int = -1
     verify: bool = True
+    forward_tile_length: Optional[int] = None
+    batch_chunk: Optional[int] = None
 
     def __post_init__(self) -> None:
         try:
@@ -62,6 +67,11 @@ class TileConfig(ConfigDict):
             raise ValueError(f"{_STRATEGY}: length_axis must be an int, got {self.length_axis!r}")
         if not isinstance(self.verify, bool):
             raise ValueError(f"{_STRATEGY}: verify must be True or False, got {self.verify!r}")
+        try:
+            check_forward_tile_length(self.forward_tile_length, self.tile_length)
+            check_batch_chunk(self.batch_chunk)
+        except ValueError as error:
+            raise ValueError(f"{_STRATEGY}: {error}") from None
 
 
 def tile_(
@@ -115,8 +125,9 @@ def tile_(
         return model
     warn_skipped(_STRATEGY, {n: r for n, r in skipped.items() if filter_fn is not None or n == "<root>"})
     replacements = {
-        name: Tiled(model.get_submodule(name), config.tile_length, length_axis=config.length_axis,
-                    verify=config.verify, on_refuse="warn", name=name)
+        name: Tiled(model.get_submodule(name), config.tile_length, forward_tile_length=config.forward_tile_length,
+                    batch_chunk=config.batch_chunk, length_axis=config.length_axis, verify=config.verify,
+                    on_refuse="warn", name=name)
         for name in names
     }
     swap_modules(model, replacements)
@@ -182,7 +193,7 @@ def _join(prefix: str, name: str) -> str:
 
 def _layers(module: nn.Module) -> int:
     """Layers with parameters: tiling a module with one of them saves nothing."""
-    return sum(1 for m in module.modules() if not list(m.children()) and next(m.parameters(), None) is not None)
+    return _parameter_layers(module)
 
 
 def _search(model: nn.Module, name: str, locality: _Locality, skipped: Dict[str, str]) -> List[str]:
