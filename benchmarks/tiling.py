@@ -91,7 +91,7 @@ def longest(tile_length: int, factor: int) -> None:
     record(row)
 
 
-def infer(seconds_of_audio: int, tile_length: int) -> None:
+def infer(seconds_of_audio: int, tile_length: int, models=("tcn", "hifigan"), hifigan_frames=None) -> None:
     """infer_tiled over an hour of audio, input and output in pinned CPU memory, vs eager throughput."""
     samples = seconds_of_audio * 16000
     cases = {
@@ -100,6 +100,8 @@ def infer(seconds_of_audio: int, tile_length: int) -> None:
         "hifigan": (zoo.get("hifigan", size="default", device="cuda").model, (1, 80, samples // 256), 256),
     }
     for name, (model, shape, hop) in cases.items():
+        if name not in models:
+            continue
         model.eval()
         x = torch.randn(shape).pin_memory()
         # Untiled throughput on a length that fits comfortably.
@@ -120,12 +122,13 @@ def infer(seconds_of_audio: int, tile_length: int) -> None:
         reset_cuda_peak(DEVICE)
         start = time.perf_counter()
         # tile_length counts the model's own input samples: mel frames for hifigan.
-        y = infer_tiled(model, x, max(tile_length // hop, 64), progress=False)
+        tile = hifigan_frames if hop > 1 and hifigan_frames else max(tile_length // hop, 64)
+        y = infer_tiled(model, x, tile, progress=False)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(DEVICE)
         rate = y.shape[-1] / elapsed
-        row = base_row("tiling_infer", name, f"infer_tiled_{max(tile_length // hop, 64)}")
+        row = base_row("tiling_infer", name, f"infer_tiled_{tile}")
         row.update(status="ok", peak_bytes=peak, peak_gib=round(peak / 2**30, 3), step_ms=elapsed * 1e3,
                    input_shape="x".join(map(str, x.shape)),
                    note=f"{y.shape[-1]} output samples ({y.shape[-1] / (16000 if hop == 1 else 22050) / 3600:.2f} h); "
@@ -141,11 +144,13 @@ def main() -> int:
     p.add_argument("--tile-length", type=int, default=65536)
     p.add_argument("--factor", type=int, default=50)
     p.add_argument("--seconds", type=int, default=3600)
+    p.add_argument("--models", default="tcn,hifigan")
+    p.add_argument("--hifigan-frames", type=int, help="hifigan tile in mel frames (default tile_length // 256)")
     args = p.parse_args()
     if args.what == "longest":
         longest(args.tile_length, args.factor)
     else:
-        infer(args.seconds, args.tile_length)
+        infer(args.seconds, args.tile_length, args.models.split(","), args.hifigan_frames)
     return 0
 
 
