@@ -43,7 +43,7 @@ from ..nn.checkpointed import POLICIES, Checkpointed, resolve_policy
 from ..profile.estimate import estimate_step
 from ..profile.recorder import ModuleCall
 from ._blocks import find_blocks, find_chain, is_plain_sequential
-from ._lossy import ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped
+from ._common import ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped
 
 __all__ = ["CheckpointConfig", "checkpoint_", "plan_segments"]
 

@@ -26,7 +26,7 @@ from torch import nn
 from .._metrics import relative_error, sqnr_db
 from .._units import format_bytes
 from ..nn.depthwise_separable import DepthwiseSeparableConv1d, _positive_int
-from ._lossy import (
+from ._common import (
     ConfigDict,
     FilterFn,
     MemoryEstimate,

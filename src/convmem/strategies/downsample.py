@@ -35,7 +35,7 @@ from torch import nn
 from .._units import format_bytes
 from ..nn.depthwise_separable import _positive_int
 from ..nn.downsample import MODES, DownsampleConv1d
-from ._lossy import (
+from ._common import (
     ConfigDict,
     FilterFn,
     as_inputs,

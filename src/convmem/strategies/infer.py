@@ -20,7 +20,7 @@ from torch import nn
 from ..analysis.windows import plan_windows
 from ..nn.tiled import _Runner, check_tile_length, check_tiling
 from ..profile.step import model_device
-from ._lossy import check_model
+from ._common import check_model
 
 __all__ = ["infer_tiled"]
 

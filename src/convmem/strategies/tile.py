@@ -32,7 +32,7 @@ from ..analysis.receptive_field import analyse, known_refusal
 from ..nn._wrapper import ModuleWrapper
 from ..nn.tiled import Tiled, _parameter_layers, check_batch_chunk, check_forward_tile_length, check_tile_length
 from ..profile.estimate import meta_clone, to_meta
-from ._lossy import ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped
+from ._common import ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped
 
 __all__ = ["TileConfig", "tile_"]
 

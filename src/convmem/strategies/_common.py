@@ -1,5 +1,6 @@
-"""What the lossy strategies (depthwise-separable, downsampling) share: selecting convs, swapping
-modules with rollback, and measuring what a swap did to the model's outputs and memory.
+"""What the strategies share: argument checks, config dicts, swapping modules with rollback, and,
+for the lossy ones (depthwise-separable, downsampling), selecting convs and measuring what a swap
+did to the model's outputs and memory.
 
 # NOTE [Lossy strategies measure before they report]
 # A lossy strategy is opt-in and must say what it cost (DESIGN.md, invariant 2). Given example
