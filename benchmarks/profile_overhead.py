@@ -30,8 +30,10 @@ def timed(fn, n=3):
 
 
 def main() -> int:
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else list(dtypes)
     for name in sys.argv[1].split(","):
-        for dtype in (None, torch.bfloat16):
+        for dtype in (dtypes[d] for d in chosen):
             entry = zoo.get(name, size="default", device="cuda")
             resident = list(entry.model.parameters()) + list(entry.inputs)
 
@@ -52,6 +54,7 @@ def main() -> int:
                 step(make())
                 step(make())
                 results[label] = timed(lambda: step(make()))
+                print(f"  {name} {dtype} {label}: {results[label]:.1f} ms", flush=True)
             print(f"{name:15s} {str(dtype):15s} " + "  ".join(f"{k} {v:9.1f} ms" for k, v in results.items()), flush=True)
             del entry
             torch.cuda.empty_cache()
