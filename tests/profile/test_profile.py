@@ -246,3 +246,12 @@ def test_recompute_is_not_kept_and_tiles_share_a_row():
     assert len(names) == len(set(names)) + 1  # the wrapper and the model it wraps are both "(model)"
     assert max(r.calls for r in tiled.rows) > 1
     assert not any("wrapped" in n for n in names)
+
+
+def test_backward_times_can_be_switched_off():
+    entry = zoo.get("hifigan")
+    timed = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn, measure=True)
+    untimed = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn, measure=True, backward_times=False)
+    assert any(r.backward_s for r in timed.rows)
+    assert all(r.backward_s is None for r in untimed.rows) and any(r.forward_s for r in untimed.rows)
+    assert untimed.kept_bytes == timed.kept_bytes

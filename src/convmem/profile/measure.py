@@ -91,6 +91,7 @@ def measure_step(
     autocast_dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
     warmup: int = 1,
+    backward_times: bool = True,
 ) -> StepMeasurement:
     """Run one warm-up and one measured step of `model` where it lives; the model is left as found."""
     device = device or next(iter(tensors_in(list(inputs)) + list(model.parameters()))).device
@@ -116,7 +117,7 @@ def measure_step(
         if device.type == "cuda":
             reset_cuda_peak(device)
             start_bytes = torch.cuda.memory_allocated(device)
-        recorder = StepRecorder(model, excluded=resident, timer_device=device)
+        recorder = StepRecorder(model, excluded=resident, timer_device=device, backward_times=backward_times)
         timer = recorder._timer
         with recorder:
             begin = timer.mark()

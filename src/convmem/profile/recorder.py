@@ -130,8 +130,10 @@ class StepRecorder:
         excluded: Iterable[torch.Tensor],
         timer_device: Optional[torch.device] = None,
         on_saved: Optional[Callable[[Any], None]] = None,
+        backward_times: bool = True,
     ):
         self.model = model
+        self.backward_times = backward_times
         self.on_saved = on_saved
         self.calls: List[ModuleCall] = []
         self.loss_call = ModuleCall(LOSS_ROW, "loss", 0, 0, None)
@@ -185,7 +187,7 @@ class StepRecorder:
             self.calls.append(call)
             self._stack.append(call)
             if self._timer is not None:
-                if call.grad_enabled:
+                if call.grad_enabled and self.backward_times:
                     self._watermarks[id(call)] = _next_sequence_nr()
                 self._fwd_marks[id(call)] = self._timer.mark()
 
@@ -198,7 +200,7 @@ class StepRecorder:
             call.output_bytes = unique_storage_bytes(outputs)
             if self._timer is not None:
                 call.forward_s = self._fwd_marks.pop(id(call)), self._timer.mark()
-                if call.grad_enabled:
+                if call.grad_enabled and self.backward_times:
                     self._claim_nodes(call, outputs)
 
         return hook
@@ -237,6 +239,8 @@ class StepRecorder:
         for call in self.calls:
             if isinstance(call.forward_s, tuple):
                 call.forward_s = self._timer.seconds(*call.forward_s)
+        if not self.backward_times:
+            return
         for call in self.calls:
             call.backward_s = 0.0
         for call, start, end in self._node_marks:
