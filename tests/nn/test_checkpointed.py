@@ -20,15 +20,6 @@ needs_selective = pytest.mark.skipif(not selective_available(), reason="selectiv
 POLICIES = ["full", pytest.param("selective", marks=needs_selective)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny float64 convs: threads only add overhead, and test workers share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _x(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 

@@ -34,15 +34,6 @@ ZOO_LENGTHS = {"tcn": 128, "wavenet": 128, "w2v2_fe": 800, "convtasnet": 160, "h
 ZOO_CHAINS = ["tcn", "w2v2_fe", "resnet1d", "conformer_conv", "basenji"]  # blocks in an nn.Sequential
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small float64 convs: threads only add overhead, and test workers share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _zoo(name: str) -> zoo.ZooEntry:
     return zoo.get(name, dtype=torch.float64, length=ZOO_LENGTHS[name])
 
