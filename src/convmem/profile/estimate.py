@@ -137,7 +137,7 @@ def estimate_step(
         transient_bytes=parts["transient"],
         workspace_bytes=parts["workspace"],
         saved_bytes=recorder.saved_total_bytes,
-        peak_phase=_phase_at(live.phase_starts, live.timeline.index(live.peak_bytes)),
+        peak_phase=_phase_at(live.phase_starts, live.peak_index),
         peak_op=live.peak_op,
         timeline=live.timeline,
         phase_starts=dict(live.phase_starts),

@@ -50,6 +50,7 @@ class LiveSet(TorchDispatchMode):
         self.peak_members: List[Tuple[int, int]] = []  # (serial, bytes) live at the peak
         self.peak_workspace = 0
         self.peak_op = ""
+        self.peak_index = 0  # position of the peak in `timeline`
         self.timeline: List[int] = []  # live bytes after every op (workspace included)
         self.phase_starts: Dict[str, int] = {}
         self.kinds: Dict[int, str] = {}  # serial -> kind (see module constants)
@@ -98,6 +99,7 @@ class LiveSet(TorchDispatchMode):
             self.peak_bytes = current
             self.peak_workspace = extra + self.persistent_bytes
             self.peak_op = op_name
+            self.peak_index = len(self.timeline) - 1
             self.peak_members = [(s, m[1]) for s, m in self._members.items()]
 
     # -- dispatch --------------------------------------------------------------------------

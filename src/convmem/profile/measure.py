@@ -55,9 +55,14 @@ def preserved(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = Non
         for m, training in modes:
             m.training = training
         if optimizer is not None:
-            optimizer.load_state_dict(opt_state)
-            if not opt_state["state"]:
-                optimizer.state.clear()
+            _load_optimizer_state(optimizer, opt_state)
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """Put `state` (a ``state_dict()``) back; an empty one also drops state created since."""
+    optimizer.load_state_dict(state)
+    if not state["state"]:
+        optimizer.state.clear()
 
 
 def _to_cpu(value: Any) -> Any:
@@ -110,9 +115,7 @@ def measure_step(
             run_step(model, inputs, loss_fn, optimizer, autocast)
             model.zero_grad(set_to_none=True)
             if optimizer is not None:
-                optimizer.load_state_dict(opt_state)
-                if not opt_state["state"]:
-                    optimizer.state.clear()
+                _load_optimizer_state(optimizer, opt_state)
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             reset_cuda_peak(device)

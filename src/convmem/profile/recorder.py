@@ -153,9 +153,9 @@ class StepRecorder:
 
     # -- kept bytes -------------------------------------------------------------------------
     def _pack(self, tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
         if _in_backward():
             return tensor  # a recompute inside backward: NOTE [Kept bytes]
+        storage = tensor.untyped_storage()
         if storage not in self._excluded and storage not in self._saved:
             owner = self._stack[-1] if self._stack else self.loss_call
             self._saved[storage] = owner
