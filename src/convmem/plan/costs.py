@@ -1,0 +1,466 @@
+"""What each option costs on each block of a model: the inputs of the chain solver.
+
+# NOTE [Measured option costs]
+# Bytes come from the no-GPU estimate (`estimate_step` on the meta device, within a few percent
+# of the CUDA allocator on the zoo): one estimate of the untouched model, and one per option with
+# that option applied to every block at once -- every block selectively recomputed, every block
+# checkpointed, every block tiled at each candidate tile length, the whole chain tiled. A block's
+# call in each gives what the block keeps under that option; the untouched estimate gives its
+# input, output and largest internal activation, and the peak that calibrates `base` (what the
+# plan does not change: parameters, gradients, the rest of the model, workspace).
+#
+# Times are measured where they mean something: on a GPU the planner times a few training steps
+# of the model with each option applied to every block, and charges each block its share of the
+# difference to the untouched step (shares by the bytes the block touches). Elsewhere a roofline
+# model stands in (`_RooflineTimes`), and the plan says its times are modelled.
+#
+# Everything that depends on the input grows linearly with its length (activations, their bytes,
+# convolution time): costs are stored per profiled length and scaled to another, so a plan for a
+# longer input does not need a new profile. Parameters, their gradients and optimizer state do not
+# scale (`fixed`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..analysis.receptive_field import known_refusal, receptive_field
+from ..nn.checkpointed import Checkpointed, resolve_policy
+from ..nn.tiled import Tiled
+from ..profile.estimate import estimate_step, meta_clone, to_meta
+from ..profile.recorder import ModuleCall
+from ..profile.step import LossFn
+from ..strategies._blocks import find_blocks, find_chain, is_plain_sequential
+from ..strategies._common import swap_modules
+from .solver import ChainProblem, Choice
+
+__all__ = ["ItemCost", "ChainCosts", "chain_costs", "OPTIONS"]
+
+OPTIONS = ("selective", "checkpoint", "tile", "offload")
+_TILE_FRACTIONS = (2, 4, 8, 16, 32)  # candidate tile lengths: the input length over these
+_MIN_TILE = 256
+
+
+@dataclasses.dataclass
+class ItemCost:
+    """One block, at the profiled length. Bytes and seconds."""
+
+    name: str
+    input_bytes: int
+    output_bytes: int
+    largest_activation: int
+    kept_keep: int
+    kept_selective: Optional[int]
+    kept_checkpoint: int
+    forward_s: float
+    extra_s: Dict[str, float]  # option -> seconds it adds on this block ("tile:T" per tile length)
+    length: int  # input samples of the block along the time axis
+    tile_lengths: List[int] = dataclasses.field(default_factory=list)
+    halo: int = 0
+    alive: Dict[str, int] = dataclasses.field(default_factory=dict)  # option -> bytes left alive to forward's end
+
+    @property
+    def gradients(self) -> int:
+        """Bytes of gradients alive while this block runs backward: its output's, its input's and
+        the largest internal one."""
+        return self.input_bytes + self.output_bytes + self.largest_activation
+
+
+@dataclasses.dataclass
+class ChainCosts:
+    """The blocks of a model and what each option costs on each; `problem` turns them into a solver input."""
+
+    model: str
+    chain: Optional[str]  # the Sequential holding the blocks, when runs of them may be one segment
+    items: List[ItemCost]
+    base: int  # NOTE [Chain cost model]
+    forward_base: int
+    fixed: int  # the part of base that does not grow with the input length
+    eager_peak: int  # estimate of the untouched model
+    length: int  # input length the costs were taken at
+    times: str  # "measured on <device>" or "modelled"
+    # The whole chain tiled: [tile_length, batch_chunk (or None), kept, working, extra seconds] each.
+    chain_tiles: List[List[Any]] = dataclasses.field(default_factory=list)
+    eager_step_s: Optional[float] = None
+    batch: int = 1
+
+    def scale(self, length: int) -> float:
+        return length / self.length
+
+    def problem(self, allow: Sequence[str], length: Optional[int] = None) -> ChainProblem:
+        """The solver's input for inputs of `length` (default: the profiled one) with the `allow`ed options."""
+        f = self.scale(length) if length is not None else 1.0
+
+        def b(n: float) -> int:
+            return int(math.ceil(n * f))
+
+        choices: List[Choice] = []
+        items = self.items
+        for i, it in enumerate(items):
+            g = it.gradients
+            choices.append(Choice(i, i + 1, "keep", b(it.kept_keep), b(it.kept_keep + g), 0.0))
+            if "selective" in allow and it.kept_selective is not None:
+                choices.append(Choice(i, i + 1, "selective", b(it.kept_selective), b(it.kept_keep + g),
+                                      it.extra_s["selective"] * f, alive=b(it.alive.get("selective", 0))))
+            if "offload" in allow and "offload" in it.extra_s:
+                previous = items[i - 1].kept_keep if i > 0 else 0
+                choices.append(Choice(i, i + 1, "offload", 0, b(it.kept_keep + previous + g), it.extra_s["offload"] * f,
+                                      alive=b(it.alive.get("checkpoint", 0))))
+            if "tile" in allow:
+                for t in it.tile_lengths:
+                    window = min(1.0, (t + it.halo) / it.length)
+                    choices.append(Choice(i, i + 1, "tile", b(it.kept_checkpoint),
+                                          b(it.kept_checkpoint + it.kept_keep * window + g),
+                                          it.extra_s[f"tile:{t}"] * f, tile_length=max(1, int(t * f)),
+                                          alive=b(it.alive.get("checkpoint", 0))))
+        if "checkpoint" in allow:
+            for i in range(len(items)):
+                stop_max = len(items) if self.chain is not None else i + 1
+                inside, extra, grads, alive = 0, 0.0, 0, 0
+                for k in range(i, stop_max):
+                    inside += items[k].kept_keep
+                    extra += items[k].extra_s["checkpoint"]
+                    grads = max(grads, items[k].gradients)
+                    alive += items[k].alive.get("checkpoint", 0)
+                    choices.append(Choice(i, k + 1, "checkpoint", b(items[i].kept_checkpoint), b(inside + grads),
+                                          extra * f, alive=b(alive)))
+        if "tile" in allow and self.chain is not None:
+            for t, chunk, kept, working, extra in self.chain_tiles:
+                choices.append(Choice(0, len(items), "tile", b(kept), b(working), extra * f,
+                                      tile_length=max(1, int(t * f)), batch_chunk=chunk))
+        base = self.fixed + b(self.base - self.fixed)
+        forward_base = self.fixed + b(self.forward_base - self.fixed)
+        return ChainProblem(len(items), base, choices, forward_base)
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ChainCosts":
+        data = dict(data)
+        data["items"] = [ItemCost(**item) for item in data["items"]]
+        data["chain_tiles"] = [list(v) for v in data.get("chain_tiles", [])]
+        return cls(**data)
+
+
+def plannable_items(model: nn.Module) -> Tuple[List[str], Optional[str]]:
+    """The blocks the planner chooses for (NOTE [Repeated blocks]) and, when they are all the
+    parameter-holding items of one plain Sequential, that Sequential's name."""
+    names = find_blocks(model)
+    if not names:
+        chain = find_chain(model)
+        if chain is None:
+            return [], None
+        seq = model.get_submodule(chain)
+        return [f"{chain}.{i}" for i in range(len(seq))], chain
+    parents = {n.rpartition(".")[0] for n in names}
+    if len(parents) == 1:
+        parent = parents.pop()
+        if parent and is_plain_sequential(model.get_submodule(parent)):
+            seq = model.get_submodule(parent)
+            if len(names) == len(seq) and all(f"{parent}.{i}" in names for i in range(len(seq))):
+                return names, parent
+    return names, None
+
+
+def _forward_end(estimate) -> int:
+    """Bytes live when forward ends (the loss begins): what the step keeps, plus resident memory."""
+    index = estimate.phase_starts.get("loss", len(estimate.timeline))
+    return estimate.timeline[max(0, min(index, len(estimate.timeline)) - 1)]
+
+
+def _forward_peak(estimate) -> int:
+    return max(estimate.timeline[: estimate.phase_starts.get("loss", len(estimate.timeline))], default=0)
+
+
+def _alive(items: List[ItemCost], estimates: Dict[str, Any], forward_base: int) -> None:
+    """Bytes an option leaves alive until the end of forward without keeping them.
+
+    A block's outputs that the model collects until its end (WaveNet's skip connections) are kept
+    by the block's own ops when it runs untouched, and counted in its kept bytes; checkpointed,
+    the block keeps only its input, but the outputs stay alive all the same until forward ends.
+    The estimate with the option on every block shows them at its forward peak beyond the kept
+    bytes; each block gets a share by its output bytes.
+    """
+    outputs = sum(it.output_bytes for it in items) or 1
+    for option, est in estimates.items():
+        kept = sum((it.kept_checkpoint if option == "checkpoint" else (it.kept_selective or 0)) for it in items)
+        extra = max(0, _forward_peak(est) - forward_base - kept)
+        for it in items:
+            it.alive[option] = extra * it.output_bytes // outputs
+
+
+def _selective_kept(plain, selective, calls: Dict[str, ModuleCall], names: Sequence[str]) -> Dict[str, int]:
+    """Bytes each block holds under selective recompute.
+
+    What selective checkpointing keeps of a block's inside (the convolution outputs its policy
+    caches) is held by the checkpoint itself, not saved through autograd's saved-tensor hooks, so
+    the estimate does not charge it to the block. The bytes are still live at the end of forward:
+    the saving is the difference of live bytes there between the untouched and the selective step,
+    shared among the blocks by what they keep untouched.
+    """
+    kept = {n: _inclusive_kept(calls[n]) for n in names}
+    total = sum(kept.values()) or 1
+    saving = max(0, _forward_end(plain) - _forward_end(selective))
+    return {n: max(0, kept[n] - saving * kept[n] // total) for n in names}
+
+
+def _inclusive_kept(call: ModuleCall) -> int:
+    return call.kept_bytes + sum(_inclusive_kept(c) for c in call.children)
+
+
+def _largest_output(call: ModuleCall) -> int:
+    return max([call.output_bytes] + [_largest_output(c) for c in call.children])
+
+
+def _first_calls(calls: Sequence[ModuleCall]) -> Dict[str, ModuleCall]:
+    first: Dict[str, ModuleCall] = {}
+    counts: Dict[str, int] = {}
+    for call in calls:
+        if call.in_backward or not call.grad_enabled:
+            continue
+        counts[call.name] = counts.get(call.name, 0) + 1
+        first.setdefault(call.name, call)
+    return {name: call for name, call in first.items() if counts[name] == 1}
+
+
+def _estimate_with(model: nn.Module, inputs, loss_fn, autocast, wrap) -> Optional[Any]:
+    """The estimate of a meta copy of `model` with ``wrap(copy)`` applied; None if it cannot run."""
+    clone = meta_clone(model)
+    try:
+        wrap(clone)
+        return estimate_step(clone, inputs, loss_fn, autocast_dtype=autocast)
+    except Exception as error:  # an option that cannot run on this model is simply not offered
+        warnings.warn(f"optimize_: option not available on {type(model).__name__}: {error}", stacklevel=4)
+        return None
+
+
+def _wrap_items(names: Sequence[str], make):
+    def wrap(clone: nn.Module) -> None:
+        swap_modules(clone, {n: make(clone.get_submodule(n)) for n in names})
+    return wrap
+
+
+def _elem_length(call: ModuleCall, axis: int = -1) -> int:
+    return int(call.input_shapes[0][axis]) if call.input_shapes and call.input_shapes[0] else 0
+
+
+def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossFn] = None,
+                allow: Sequence[str] = OPTIONS, autocast: Optional[torch.dtype] = None,
+                measure_times: Optional[bool] = None, progress=None) -> ChainCosts:
+    """Per block of `model`, what each allowed option keeps and costs (NOTE [Measured option costs])."""
+    say = progress or (lambda text: None)
+    names, chain = plannable_items(model)
+    inputs = tuple(inputs)
+    meta_inputs = to_meta(inputs)
+    say("estimating the untouched step")
+    plain = estimate_step(meta_clone(model), meta_inputs, loss_fn, autocast_dtype=autocast)
+    calls = _first_calls(plain.calls)
+    names = [n for n in names if n in calls]
+    if chain is not None and len(names) != len(model.get_submodule(chain)):
+        chain = None
+    length = int(inputs[0].shape[-1]) if isinstance(inputs[0], torch.Tensor) else 0
+
+    kept_sel: Dict[str, int] = {}
+    option_estimates: Dict[str, Any] = {}
+    if "selective" in allow and names and resolve_policy("selective") == "selective":
+        say("estimating selective recompute")
+        est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, lambda m: Checkpointed(m, "selective")))
+        if est is not None:
+            kept_sel = _selective_kept(plain, est, calls, names)
+            option_estimates["selective"] = est
+    say("estimating checkpointing")
+    est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, lambda m: Checkpointed(m, "full")))
+    if est is None:
+        raise RuntimeError(f"optimize_: cannot estimate {type(model).__name__} with its blocks checkpointed")
+    kept_ckpt = {n: _inclusive_kept(c) for n, c in _first_calls(est.calls).items() if n in names}
+    option_estimates["checkpoint"] = est
+
+    items = []
+    for n in names:
+        call = calls[n]
+        items.append(ItemCost(
+            name=n, input_bytes=kept_ckpt.get(n, 0), output_bytes=call.output_bytes,
+            largest_activation=max((_largest_output(c) for c in call.children), default=0),
+            kept_keep=_inclusive_kept(call), kept_selective=kept_sel.get(n), kept_checkpoint=kept_ckpt.get(n, 0),
+            forward_s=0.0, extra_s={}, length=_elem_length(call),
+        ))
+
+    chain_tiles: List[List[Any]] = []
+    if "tile" in allow:
+        shapes = {n: tuple(calls[n].input_shapes[0]) for n in names if calls[n].input_shapes}
+        dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        _tile_options(model, meta_inputs, loss_fn, autocast, items, chain, chain_tiles, shapes, dtype, say)
+
+    base_probe = ChainCosts(type(model).__name__, chain, items, 0, 0, 0, plain.peak_bytes, length, "modelled")
+    keep_only = base_probe.problem(())
+    from .solver import peak_of
+    all_keep = [c for c in keep_only.choices if c.option == "keep"]
+    forward_peak = _forward_peak(plain)
+    base = plain.peak_bytes - peak_of(keep_only, all_keep)
+    forward_base = max(base, forward_peak - sum(it.kept_keep for it in items))
+    _alive(items, option_estimates, forward_base)
+    fixed = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in model.parameters())
+    fixed += sum(b.numel() * b.element_size() for b in model.buffers())
+    for tile in chain_tiles:
+        tile[3] -= base  # the estimate's peak, less what the plan does not change
+
+    costs = ChainCosts(type(model).__name__, chain, items, base, forward_base, min(fixed, base), plain.peak_bytes, length,
+                       "modelled", chain_tiles,
+                       batch=int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 2 else 1)
+    device = next((t.device for t in list(model.parameters()) + [x for x in inputs if isinstance(x, torch.Tensor)]), None)
+    if measure_times is None:
+        measure_times = device is not None and device.type == "cuda"
+    if measure_times:
+        _measured_times(model, inputs, loss_fn, allow, costs, say)
+    else:
+        _roofline_times(costs, allow)
+    return costs
+
+
+def _tile_options(model, meta_inputs, loss_fn, autocast, items: List[ItemCost], chain: Optional[str],
+                  chain_tiles: List[List[Any]], it_shapes: Dict[str, tuple], dtype: torch.dtype,
+                  say) -> None:
+    """Tile lengths each block (and the whole chain) can run at, and what they keep (NOTE [Measured option costs])."""
+    tileable = [it for it in items if known_refusal(model.get_submodule(it.name)) is None and it.length > 0]
+    for it in tileable:
+        it.tile_lengths = [it.length // d for d in _TILE_FRACTIONS if it.length // d >= _MIN_TILE]
+    for it in tileable:
+        # The receptive-field analysis on a meta input of the block's shape (no values, no memory)
+        # gives the halo each backward window recomputes; a block it finds non-local is not tiled.
+        shape = it_shapes.get(it.name)
+        try:
+            x = torch.empty(shape, device="meta", dtype=dtype)
+            field = receptive_field(meta_clone(model.get_submodule(it.name)), x, probe_values=False)
+        except Exception as error:
+            warnings.warn(f"optimize_: cannot analyse {it.name!r} for tiling: {error}", stacklevel=3)
+            field = None
+        if field is None or not field.local:
+            it.tile_lengths = []
+            continue
+        it.halo = int(field.left + field.right)
+        it.tile_lengths = [t for t in it.tile_lengths if t >= 2 * it.halo and t % max(1, field.period) == 0]
+    if chain is None or not items or known_refusal(model.get_submodule(chain)) is not None:
+        return
+    length = items[0].length
+    batch = int(meta_inputs[0].shape[0]) if meta_inputs and meta_inputs[0].dim() >= 2 else 1
+    # Batch chunks of one sample (NOTE [Batch chunks] in nn/tiled.py) at the two longest tiles:
+    # the least memory per tile length, for budgets below what whole-batch windows reach.
+    candidates = [(length // d, None) for d in _TILE_FRACTIONS if length // d >= _MIN_TILE]
+    if batch > 1:
+        candidates += [(t, 1) for t, _ in candidates[:2]]
+    for t, chunk in candidates:
+        say(f"estimating the chain tiled at {t}" + (f", batch chunks of {chunk}" if chunk else ""))
+        est = _estimate_with(model, meta_inputs, loss_fn, autocast,
+                             _wrap_items([chain], lambda m: Tiled(m, t, batch_chunk=chunk)))
+        if est is None:
+            return
+        call = _first_calls(est.calls).get(chain)
+        if call is None:
+            return
+        chain_tiles.append([t, chunk, _inclusive_kept(call), est.peak_bytes, 0.0])
+
+
+# Roofline stand-ins when there is no GPU to time on (NOTE [Measured option costs]): a forward that
+# reads and writes each kept activation about three times at HBM speed, backward twice that, PCIe
+# for offload, and a fixed cost per tile window.
+_HBM_BYTES_PER_S = 2.0e12
+_PCIE_BYTES_PER_S = 25e9
+_SELECTIVE_SHARE = 0.3  # of a block's forward spent in the cheap ops selective recompute redoes
+_WINDOW_S = 2e-4
+
+
+def _touched(it: ItemCost) -> int:
+    return it.kept_keep + it.output_bytes
+
+
+def _roofline_times(costs: ChainCosts, allow: Sequence[str]) -> None:
+    for it in costs.items:
+        f = 3 * _touched(it) / _HBM_BYTES_PER_S
+        it.forward_s = f
+        it.extra_s["checkpoint"] = f
+        it.extra_s["selective"] = _SELECTIVE_SHARE * f
+        it.extra_s["offload"] = max(0.0, 2 * it.kept_keep / _PCIE_BYTES_PER_S - 3 * f) + 1e-4
+        for t in it.tile_lengths:
+            windows = math.ceil(it.length / t)
+            it.extra_s[f"tile:{t}"] = f * (1 + it.halo / t) + windows * _WINDOW_S
+    total = sum(it.forward_s for it in costs.items)
+    length = costs.items[0].length
+    halo = max((it.halo for it in costs.items), default=0)
+    for tile in costs.chain_tiles:
+        t, chunk = tile[0], tile[1]
+        windows = 2 * math.ceil(length / t) * (costs.batch if chunk else 1)
+        tile[4] = total * (1 + halo / t) + windows * _WINDOW_S
+    costs.eager_step_s = 3 * total
+    costs.times = "modelled"
+
+
+def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts, say) -> None:
+    """Per option, a few steps of the model with the option on every block; each block is charged
+    its share of the difference to the untouched step (NOTE [Measured option costs])."""
+    from .timing import step_seconds
+
+    names = [it.name for it in costs.items]
+    weights = [_touched(it) for it in costs.items]
+    total_w = float(sum(weights)) or 1.0
+
+    def timed(label: str, replacements) -> Optional[float]:
+        say(f"timing {label}")
+        undo = swap_modules(model, replacements) if replacements else (lambda: None)
+        try:
+            return step_seconds(model, inputs, loss_fn)
+        except Exception as error:
+            warnings.warn(f"optimize_: could not time {label}: {error}", stacklevel=4)
+            return None
+        finally:
+            undo()
+
+    eager = timed("the untouched step", {})
+    costs.eager_step_s = eager
+    _roofline_times(costs, allow)  # fallbacks for anything that cannot be timed
+    costs.eager_step_s = eager
+    for it, w in zip(costs.items, weights):
+        it.forward_s = eager * w / total_w / 3
+
+    def charge(option: str, t: Optional[float], items: Sequence[ItemCost]) -> None:
+        if t is None:
+            return
+        share = sum(_touched(it) for it in items) or 1
+        for it in items:
+            it.extra_s[option] = max(0.0, (t - eager) * _touched(it) / share)
+
+    charge("checkpoint", timed("checkpointing", {n: Checkpointed(model.get_submodule(n), "full") for n in names}), costs.items)
+    if "selective" in allow and any(it.kept_selective is not None for it in costs.items):
+        charge("selective", timed("selective recompute",
+                                  {n: Checkpointed(model.get_submodule(n), "selective") for n in names}), costs.items)
+    if "offload" in allow:
+        from ..nn.offloaded import OffloadGroup, Offloaded
+
+        group = OffloadGroup()
+        charge("offload", timed("offload", {n: Offloaded(model.get_submodule(n), group=group) for n in names}),
+               costs.items)
+    if "tile" in allow:
+        lengths = sorted({t for it in costs.items for t in it.tile_lengths})
+        for rank in range(len(_TILE_FRACTIONS)):
+            group = [it for it in costs.items if len(it.tile_lengths) > rank]
+            if not group:
+                break
+            t = timed(f"tiled blocks (1/{_TILE_FRACTIONS[rank]} of their length)",
+                      {it.name: Tiled(model.get_submodule(it.name), it.tile_lengths[rank]) for it in group})
+            if t is not None:
+                share = sum(_touched(it) for it in group) or 1
+                for it in group:
+                    it.extra_s[f"tile:{it.tile_lengths[rank]}"] = max(0.0, (t - eager) * _touched(it) / share)
+        del lengths
+        for tile in costs.chain_tiles:
+            t = timed(f"the chain tiled at {tile[0]}" + (f", batch chunks of {tile[1]}" if tile[1] else ""),
+                      {costs.chain: Tiled(model.get_submodule(costs.chain), tile[0], batch_chunk=tile[1])})
+            if t is not None:
+                tile[4] = max(0.0, t - eager)
+    costs.times = f"measured on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"

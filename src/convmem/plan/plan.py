@@ -1,0 +1,245 @@
+"""A plan: which option on which block, what it is predicted to cost, and how to put it on a model.
+
+A `Plan` is data: it names the model's blocks and, per run of blocks, the option chosen (keep,
+selective, checkpoint, offload, tile at a length). It round-trips through `to_dict`/`from_dict`
+(JSON-safe) and `convmem.apply_(model, plan)` puts it on a fresh instance of the same model, so a
+plan made once, on a profiling machine, is used in a training script.
+
+# NOTE [A plan checks the model it is applied to]
+# A plan applied to another model would wrap the wrong modules. `apply_` first compares the
+# model's structure with the one the plan was made on -- the qualified names and classes of every
+# module inside the chain -- and raises naming the first module that differs, before anything
+# changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .._units import format_bytes
+from ..nn._wrapper import ModuleWrapper
+from ..nn.checkpointed import Checkpointed
+from ..nn.tiled import Tiled
+from ..strategies._common import swap_modules
+from .costs import ChainCosts
+from .solver import Choice
+
+__all__ = ["Plan", "PlanSegment", "apply_", "structure_of"]
+
+_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSegment:
+    """Blocks ``[start, stop)`` of the chain and the option chosen for them."""
+
+    start: int
+    stop: int
+    option: str
+    tile_length: Optional[int] = None
+    batch_chunk: Optional[int] = None  # samples per backward recomputation of a tiled segment
+    kept_bytes: int = 0  # predicted: held from forward to backward
+    working_bytes: int = 0  # predicted: held while its backward runs
+    extra_s: float = 0.0  # predicted extra step time
+
+    @classmethod
+    def from_choice(cls, c: Choice) -> "PlanSegment":
+        return cls(c.start, c.stop, c.option, c.tile_length, c.batch_chunk, c.kept, c.working, c.extra_s)
+
+    @property
+    def label(self) -> str:
+        if self.option != "tile":
+            return self.option
+        return f"tile {self.tile_length}" + (f", batch chunk {self.batch_chunk}" if self.batch_chunk else "")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `convmem.optimize_` chose, and what it predicts. Bytes and seconds."""
+
+    model: str
+    items: List[str]  # qualified names of the blocks, in forward order
+    chain: Optional[str]  # the Sequential holding them, when runs of several are segments
+    segments: List[PlanSegment]
+    budget_bytes: int
+    length: int  # input length the plan is for
+    predicted_peak_bytes: int
+    predicted_extra_s: float
+    eager_peak_bytes: int  # estimate of the untouched model at `length`
+    estimated_peak_bytes: Optional[int] = None  # estimate of the optimized model (convmem.profile)
+    measured_peak_bytes: Optional[int] = None  # on a GPU, after applying
+    measured_step_s: Optional[float] = None
+    eager_measured_peak_bytes: Optional[int] = None
+    eager_step_s: Optional[float] = None
+    times: str = "modelled"
+    structure: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    costs: Optional[ChainCosts] = None
+
+    # ------------------------------------------------------------------ what it says
+    def option_of(self, index: int) -> PlanSegment:
+        return next(s for s in self.segments if s.start <= index < s.stop)
+
+    def explain(self) -> str:
+        """Per block: the choice, kept bytes before and after, predicted extra time; then the peaks."""
+        lines = [f"convmem plan for {self.model} (input length {self.length}, budget {format_bytes(self.budget_bytes)})"]
+        width = max([len(n) for n in self.items] + [5])
+        lines.append(f"  {'block':<{width}}  {'choice':<14} {'kept before':>12} {'kept after':>12} {'extra time':>11}")
+        by_item = {it.name: it for it in (self.costs.items if self.costs else [])}
+        scale = self.costs.scale(self.length) if self.costs else 1.0
+        for seg in self.segments:
+            names = self.items[seg.start:seg.stop]
+            before = sum(by_item[n].kept_keep for n in names if n in by_item) * scale if by_item else None
+            label = seg.label if len(names) == 1 else f"{seg.label} ({len(names)} blocks)"
+            first = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+            lines.append(
+                f"  {first:<{width}}  {label:<14} {format_bytes(before):>12} {format_bytes(seg.kept_bytes):>12} "
+                f"{seg.extra_s * 1e3:>9.2f}ms"
+            )
+        lines.append(f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (untouched: "
+                     f"{format_bytes(self.eager_peak_bytes)}); predicted extra time {self.predicted_extra_s * 1e3:.2f} ms "
+                     f"({self.times})")
+        if self.estimated_peak_bytes is not None:
+            lines.append(f"  estimate of the optimized model (convmem.profile): {format_bytes(self.estimated_peak_bytes)}")
+        if self.measured_peak_bytes is not None:
+            eager = (f" (untouched {format_bytes(self.eager_measured_peak_bytes)}, {self.eager_step_s * 1e3:.1f} ms)"
+                     if self.eager_measured_peak_bytes is not None and self.eager_step_s is not None else "")
+            lines.append(f"  measured: peak {format_bytes(self.measured_peak_bytes)}, step "
+                         f"{self.measured_step_s * 1e3:.1f} ms{eager}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+    # ------------------------------------------------------------------ data
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["version"] = _VERSION
+        data["segments"] = [dataclasses.asdict(s) for s in self.segments]
+        data["structure"] = [list(s) for s in self.structure]
+        data["costs"] = self.costs.to_dict() if self.costs is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Plan":
+        data = dict(data)
+        version = data.pop("version", None)
+        if version != _VERSION:
+            raise ValueError(f"Plan.from_dict: this convmem reads plans of version {_VERSION}, got {version!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Plan.from_dict: unknown keys {unknown}")
+        data["segments"] = [PlanSegment(**s) for s in data["segments"]]
+        data["structure"] = [tuple(s) for s in data.get("structure", [])]
+        data["costs"] = ChainCosts.from_dict(data["costs"]) if data.get("costs") else None
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+
+def structure_of(model: nn.Module, items: Sequence[str], chain: Optional[str]) -> List[Tuple[str, str]]:
+    """(name, class) of the chain and every module inside the blocks: what a plan must find again."""
+    roots = [chain] if chain else list(items)
+    out = []
+    for root in roots:
+        module = model.get_submodule(root)
+        for name, sub in module.named_modules():
+            if isinstance(sub, ModuleWrapper):
+                continue
+            full = f"{root}.{name}" if name else root
+            out.append((full.replace(".wrapped", ""), type(sub).__name__))
+    return out
+
+
+def _check_structure(model: nn.Module, plan: Plan) -> None:
+    """NOTE [A plan checks the model it is applied to]."""
+    for name, cls in plan.structure:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"apply_: this plan was made for a {plan.model} with a module {name!r} ({cls}); "
+                f"{type(model).__name__} has no module of that name"
+            ) from None
+        if isinstance(module, ModuleWrapper):
+            raise ValueError(f"apply_: {name!r} is already wrapped by convmem ({type(module).__name__}); "
+                             "call convmem.restore_(model) first")
+        if type(module).__name__ != cls:
+            raise ValueError(
+                f"apply_: this plan was made for a {plan.model} whose module {name!r} is a {cls}; "
+                f"here it is a {type(module).__name__}"
+            )
+    if plan.chain:
+        expected = sum(1 for name, _ in plan.structure if name.startswith(plan.chain + ".") and name.count(".") == plan.chain.count(".") + 1)
+        have = len(model.get_submodule(plan.chain))
+        if have != expected:
+            raise ValueError(f"apply_: {plan.chain!r} has {have} items here, the plan was made for {expected}")
+
+
+def apply_(model: nn.Module, plan: Plan) -> nn.Module:
+    """Put `plan` on `model` in place (a fresh instance of the model it was made for); returns `model`.
+
+    Exact: outputs, gradients and buffers are those of the untouched model; ``convmem.restore_``
+    takes the plan off again. Raises, before changing anything, when `model` is not the model the
+    plan was made for (NOTE [A plan checks the model it is applied to]).
+
+    Example::
+
+        >>> plan = convmem.optimize_(model, x, budget="4GiB")
+        >>> open("plan.json", "w").write(plan.to_json())
+        >>> convmem.apply_(fresh_model, convmem.Plan.from_json(open("plan.json").read()))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"apply_: plan must be a convmem Plan (Plan.from_dict reads a saved one), got {type(plan).__name__}")
+    _check_structure(model, plan)
+    replacements: Dict[str, nn.Module] = {}
+    group = None
+    multi = any(seg.stop - seg.start > 1 for seg in plan.segments)
+    for seg in plan.segments:
+        names = plan.items[seg.start:seg.stop]
+        if seg.option == "tile" and len(names) > 1:
+            continue  # the whole chain: below
+        if seg.option == "checkpoint" and len(names) > 1:
+            continue  # a run of the chain: below
+        for name in names:
+            module = model.get_submodule(name)
+            if seg.option == "keep":
+                continue
+            if seg.option == "selective":
+                replacements[name] = Checkpointed(module, "selective")
+            elif seg.option == "checkpoint":
+                if not multi or plan.chain is None:
+                    replacements[name] = Checkpointed(module, "full")
+            elif seg.option == "tile":
+                replacements[name] = Tiled(module, seg.tile_length, name=name)
+            elif seg.option == "offload":
+                from ..nn.offloaded import OffloadGroup, Offloaded
+                group = group or OffloadGroup()
+                replacements[name] = Offloaded(module, group=group)
+            else:
+                raise ValueError(f"apply_: unknown option {seg.option!r} in the plan")
+    undo = swap_modules(model, replacements)
+    try:
+        if multi and plan.chain is not None:
+            seq = model.get_submodule(plan.chain)
+            if len(plan.segments) == 1 and plan.segments[0].option == "tile":
+                only = plan.segments[0]
+                swap_modules(model, {plan.chain: Tiled(seq, only.tile_length, batch_chunk=only.batch_chunk, name=plan.chain)})
+            else:
+                sizes = [s.stop - s.start for s in plan.segments]
+                flags = [s.option == "checkpoint" for s in plan.segments]
+                swap_modules(model, {plan.chain: Checkpointed(seq, "full", sizes, recompute=flags)})
+    except Exception:
+        undo()
+        raise
+    return model

@@ -1,0 +1,261 @@
+"""Fit a memory budget at the least step time: ``plan = convmem.optimize_(model, x, budget="4GiB")``.
+
+Profiles what each option costs on each block (plan/costs.py), solves for the cheapest plan within
+the budget (plan/solver.py), applies it (plan/plan.py) and checks it against the no-GPU estimate of
+the optimized model; on a GPU it also measures the optimized step. Exact options only unless
+``lossy=True``.
+
+# NOTE [Sound within its own estimate]
+# The solver's peak is a model (NOTE [Chain cost model]); the estimate of the optimized model
+# (`convmem.profile`) is the better judge. After applying, optimize_ estimates the optimized model;
+# if that estimate is over the budget, it takes the plan off, lowers the solver's budget by the
+# overshoot and solves again (a few rounds). On a GPU the measured peak of the optimized step is
+# checked the same way. A plan it returns is within the budget by the estimate (and, on a GPU, as
+# measured); if no round gets there it raises with the smallest budget that fits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .._units import format_bytes, parse_bytes
+from ..nn._wrapper import ModuleWrapper, restore_
+from ..plan.costs import OPTIONS, ChainCosts, chain_costs
+from ..plan.plan import Plan, PlanSegment, apply_, structure_of
+from ..plan.solver import min_peak, solve
+from ..profile.estimate import estimate_step, to_meta
+from ..profile.step import LossFn
+from ._common import ConfigDict, check_model
+
+__all__ = ["OptimizeConfig", "optimize_", "InfeasibleBudget", "parse_budget"]
+
+_STRATEGY = "optimize_"
+_ROUNDS = 6
+Budget = Union[int, float, str]
+
+
+class InfeasibleBudget(ValueError):
+    """No plan with the allowed options fits the budget; `min_bytes` is the smallest that does."""
+
+    def __init__(self, message: str, min_bytes: int, lossy_min_bytes: Optional[int] = None):
+        super().__init__(message)
+        self.min_bytes = min_bytes
+        self.lossy_min_bytes = lossy_min_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig(ConfigDict):
+    """``allow``: the options the planner may use, a subset of ("selective", "checkpoint", "tile",
+    "offload"); "keep" is always allowed."""
+
+    allow: Tuple[str, ...] = OPTIONS
+    lossy: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allow, str) or not isinstance(self.allow, (tuple, list)):
+            raise TypeError(f"{_STRATEGY}: allow must be a tuple of option names from {OPTIONS}, got {self.allow!r}")
+        unknown = [a for a in self.allow if a not in OPTIONS]
+        if unknown:
+            raise ValueError(f"{_STRATEGY}: unknown option(s) {unknown} in allow; the options are {OPTIONS}")
+        object.__setattr__(self, "allow", tuple(self.allow))
+        if not isinstance(self.lossy, bool):
+            raise TypeError(f"{_STRATEGY}: lossy must be True or False, got {self.lossy!r}")
+
+
+def parse_budget(budget: Budget, eager_peak: int) -> int:
+    """Bytes from ``4_000_000_000``, ``"4GiB"``, ``"25%"`` or ``0.25`` (fractions of the untouched peak)."""
+    if isinstance(budget, bool):
+        raise TypeError(f"{_STRATEGY}: budget must be bytes, a size such as '4GiB', or a fraction such as 0.25, got {budget!r}")
+    if isinstance(budget, float) and 0 < budget <= 1:
+        return int(budget * eager_peak)
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        try:
+            share = float(budget.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"{_STRATEGY}: cannot parse the budget {budget!r}; write e.g. '25%', '4GiB' or 0.25") from None
+        if not 0 < share <= 100:
+            raise ValueError(f"{_STRATEGY}: a budget in percent must be in (0, 100], got {budget!r}")
+        return int(share / 100 * eager_peak)
+    try:
+        value = parse_bytes(budget)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{_STRATEGY}: cannot parse the budget {budget!r}: {error}") from None
+    if value <= 0:
+        raise ValueError(f"{_STRATEGY}: the budget must be positive, got {budget!r}")
+    return value
+
+
+def optimize_(
+    model: nn.Module,
+    *inputs: Any,
+    budget: Budget,
+    loss_fn: Optional[LossFn] = None,
+    allow: Sequence[str] = OPTIONS,
+    lossy: bool = False,
+    autocast: Optional[torch.dtype] = None,
+    length: Optional[int] = None,
+    measure: Optional[bool] = None,
+    costs: Optional[ChainCosts] = None,
+    progress: Union[bool, Callable[[str], None]] = False,
+) -> Plan:
+    """Choose, per block of `model`, keep / selective / checkpoint / tile / offload so that a training
+    step fits `budget` at the least extra time; apply it in place and return the `Plan`.
+
+    Args:
+        model: any ``nn.Module``; its blocks are found from its structure (NOTE [Repeated blocks]).
+        inputs: example positional arguments, ``x: (batch, channels, length)``; they may live on
+            the meta device when nothing is to be measured.
+        budget: bytes (``4 * 2**30``), a size string (``"4GiB"``, ``"3.5GB"``), or a fraction of the
+            untouched model's estimated peak (``0.25`` or ``"25%"``).
+        loss_fn: ``loss_fn(output) -> scalar``; default: mean of squares of the outputs.
+        allow: options the planner may use; "keep" always is.
+        lossy: reserved for lossy options (bf16 saved tensors, depthwise conversion); the planner
+            uses exact options only, and an infeasible budget says what lossy ones would add.
+        length: plan for inputs of this length instead of the example's (costs scale linearly:
+            NOTE [Measured option costs]); the plan is then not applied (the model stays as it is).
+        measure: on a GPU, time each option (default) and measure the optimized step.
+        costs: costs from an earlier plan (``plan.costs``) to re-plan without profiling again.
+        progress: True to print what it is doing, or a callable taking one line of text.
+
+    Raises `InfeasibleBudget` (a ValueError) stating the smallest feasible budget when nothing
+    fits, before the model is changed.
+
+    Example::
+
+        >>> entry = convmem.zoo.get("tcn", "default", device="cuda")
+        >>> plan = convmem.optimize_(entry.model, *entry.inputs, budget="25%", loss_fn=entry.loss_fn)
+        >>> print(plan.explain())
+    """
+    check_model(model, _STRATEGY)
+    config = OptimizeConfig(allow=tuple(allow) if isinstance(allow, (list, tuple)) else allow, lossy=lossy)
+    if not inputs:
+        raise ValueError(f"{_STRATEGY} needs an example input: convmem.optimize_(model, x, budget='4GiB')")
+    if any(isinstance(m, ModuleWrapper) for m in model.modules()):
+        raise ValueError(f"{_STRATEGY}: the model already holds convmem wrappers; call convmem.restore_(model) first")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ValueError(f"{_STRATEGY}: length must be a positive int, got {length!r}")
+    say = _progress(progress)
+
+    if costs is None:
+        costs = chain_costs(model, inputs, loss_fn, config.allow, autocast, measure_times=measure, progress=say)
+    if not costs.items:
+        raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks])")
+    plan_length = length or costs.length
+    scale = costs.scale(plan_length)
+    eager_peak = costs.fixed + int((costs.eager_peak - costs.fixed) * scale)
+    target = parse_budget(budget, eager_peak)
+    problem = costs.problem(config.allow, plan_length)
+
+    def infeasible(best_bytes: int) -> InfeasibleBudget:
+        lossy_min = _lossy_min(costs, config.allow, plan_length)
+        return InfeasibleBudget(
+            f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + config.allow)} fits "
+            f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these options "
+            f"is {format_bytes(best_bytes)} (untouched: {format_bytes(eager_peak)}). lossy=True options would "
+            f"lower it to about {format_bytes(lossy_min)} (bf16 saved tensors); converting convolutions to "
+            "depthwise-separable ones (convmem.to_depthwise_separable_) cuts parameters, not activations.",
+            best_bytes, lossy_min,
+        )
+
+    names = [it.name for it in costs.items]
+    structure = structure_of(model, names, costs.chain)
+
+    def make(solution) -> Plan:
+        return Plan(
+            model=type(model).__name__, items=names, chain=costs.chain,
+            segments=[PlanSegment.from_choice(c) for c in solution.segments], budget_bytes=target,
+            length=plan_length, predicted_peak_bytes=solution.peak, predicted_extra_s=solution.extra_s,
+            eager_peak_bytes=eager_peak, times=costs.times, structure=structure, costs=costs,
+            eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
+        )
+
+    def estimated(plan: Plan) -> int:
+        """Apply `plan` and estimate the optimized step; the model keeps the plan."""
+        apply_(model, plan)
+        try:
+            plan.estimated_peak_bytes = estimate_step(model, to_meta(tuple(inputs)), loss_fn,
+                                                      autocast_dtype=autocast).peak_bytes
+        except Exception:
+            restore_(model)
+            raise
+        return plan.estimated_peak_bytes
+
+    def infeasible() -> InfeasibleBudget:
+        floor = min_peak(problem)
+        smallest = floor.peak
+        if length is None or length == costs.length:
+            smallest = max(smallest, estimated(make(floor)))  # NOTE [Sound within its own estimate]
+            restore_(model)
+        lossy_min = _lossy_min(costs, config.allow, plan_length)
+        return InfeasibleBudget(
+            f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + config.allow)} fits "
+            f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these "
+            f"options is {format_bytes(smallest)} (untouched: {format_bytes(eager_peak)}). lossy=True options "
+            f"would lower it to about {format_bytes(lossy_min)} (bf16 saved tensors); converting convolutions "
+            "to depthwise-separable ones (convmem.to_depthwise_separable_) cuts parameters, not activations.",
+            smallest, lossy_min,
+        )
+
+    measuring = measure is not False and _on_cuda(model, inputs)
+    solver_budget = target
+    for _ in range(_ROUNDS):
+        solution = solve(problem, solver_budget)
+        if solution is None:
+            raise infeasible()
+        plan = make(solution)
+        if length is not None and length != costs.length:
+            return plan  # for another length: nothing to apply or estimate here
+        say(f"applying: {', '.join(sorted({s.label for s in plan.segments}))}; estimating the optimized step")
+        peak = estimated(plan)
+        if measuring:
+            _measure(model, inputs, loss_fn, plan, say)
+            peak = max(peak, plan.measured_peak_bytes or 0)
+        if peak <= target:
+            return plan
+        restore_(model)
+        say(f"{'measured' if measuring else 'estimated'} peak {format_bytes(peak)} is over the budget; solving again")
+        solver_budget -= peak - target + target // 200
+    raise infeasible()
+
+
+def _lossy_min(costs: ChainCosts, allow, length: int) -> int:
+    """The smallest feasible peak if every saved activation were kept in bfloat16 (half of fp32)."""
+    halved = ChainCosts.from_dict(costs.to_dict())
+    for it in halved.items:
+        it.kept_keep //= 2
+        it.kept_checkpoint //= 2
+        it.input_bytes //= 2
+        if it.kept_selective is not None:
+            it.kept_selective //= 2
+    for tile in halved.chain_tiles:
+        tile[2] //= 2
+    floor = min_peak(halved.problem(allow, length))
+    return floor.peak if floor is not None else 0
+
+
+def _on_cuda(model: nn.Module, inputs) -> bool:
+    tensors = list(model.parameters()) + [x for x in inputs if isinstance(x, torch.Tensor)]
+    return bool(tensors) and tensors[0].device.type == "cuda"
+
+
+def _measure(model: nn.Module, inputs, loss_fn, plan: Plan, say) -> None:
+    from ..profile.measure import measure_step
+    from ..plan.timing import step_seconds
+
+    say("measuring the optimized step")
+    device = next(model.parameters()).device
+    measured = measure_step(model, inputs, loss_fn, None, None, device, backward_times=False)
+    plan.measured_peak_bytes = measured.peak_bytes
+    plan.measured_step_s = step_seconds(model, inputs, loss_fn)
+
+
+def _progress(progress) -> Callable[[str], None]:
+    if callable(progress):
+        return progress
+    if progress:
+        return lambda text: print(f"[convmem optimize_] {text}", file=sys.stderr, flush=True)
+    return lambda text: None
