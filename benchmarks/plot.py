@@ -73,6 +73,61 @@ def plot_pareto(rows, plt) -> str:
     return path
 
 
+ANCHOR_NAMES = ("eager_fp32", "bf16_autocast", "torch_checkpoint_blocks", "checkpoint_sequential_sqrt",
+                "compile_default", "compile_budget_0.5", "compile_budget_0.1")
+
+
+def frontier(points):
+    """The lower-left staircase of (step ms, peak bytes) points: for each time, the least memory."""
+    best, out = None, []
+    for t, m in sorted(points):
+        if best is None or m < best:
+            best = m
+            out.append((t, m))
+    return out
+
+
+def plot_optimize_pareto(anchor_rows, plan_rows, plt):
+    """One PNG per zoo model: the anchors and convmem's plans, peak memory against step time."""
+    written = []
+    for model in sorted({r["model"] for r in plan_rows}):
+        anchors = [r for r in anchor_rows if r["model"] == model and r["strategy"] in ANCHOR_NAMES]
+        plans = [r for r in plan_rows if r["model"] == model and r["strategy"].startswith("convmem_plan")]
+        if not plans:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for r in anchors:
+            x, y = float(r["step_ms"]), int(r["peak_bytes"]) / 2**30
+            ax.scatter(x, y, color="#4C72B0", s=40, zorder=3)
+            ax.annotate(r["strategy"].replace("_", " "), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        for compiled, color, marker in ((False, "#C44E52", "*"), (True, "#DD8452", "D")):
+            rows = [r for r in plans if r["strategy"].endswith("_compiled") == compiled]
+            if rows:
+                ax.scatter([float(r["step_ms"]) for r in rows], [int(r["peak_bytes"]) / 2**30 for r in rows], color=color,
+                           marker=marker, s=90 if marker == "*" else 45, zorder=4,
+                           label="convmem plan" + (" + torch.compile" if compiled else ""))
+                for r in rows:
+                    ax.annotate(r["strategy"].replace("convmem_plan_", "").replace("_compiled", ""),
+                                (float(r["step_ms"]), int(r["peak_bytes"]) / 2**30), fontsize=6, xytext=(3, -9),
+                                textcoords="offset points", color=color)
+        front = frontier([(float(r["step_ms"]), int(r["peak_bytes"])) for r in plans])
+        if front:
+            xs = [t for t, _ in front] + [max(float(r["step_ms"]) for r in plans + anchors) * 1.05]
+            ys = [m / 2**30 for _, m in front] + [front[-1][1] / 2**30]
+            ax.step(xs, ys, where="post", color="#C44E52", alpha=0.6, label="convmem frontier")
+        ax.set_xlabel("step time, ms (median)")
+        ax.set_ylabel("peak memory, GiB (max_memory_allocated)")
+        ax.set_title(f"{model}: peak memory vs step time ({plans[0]['device']})")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(RESULTS, f"pareto_{model}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main() -> int:
     import matplotlib
 
@@ -86,6 +141,9 @@ def main() -> int:
     all_rows = anchors + read("compile") + read("strategies")
     if all_rows:
         written.append(plot_pareto(all_rows, plt))
+    plans = read("optimize")
+    if plans:
+        written += plot_optimize_pareto(anchors + read("compile"), plans, plt)
     print("\n".join(written))
     return 0
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from plot import read  # noqa: E402
+from plot import ANCHOR_NAMES, read  # noqa: E402
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "BENCHMARKS.md")
 
@@ -64,7 +64,70 @@ def tiling_table() -> str:
     return "\n".join(lines) + (f"\n\n({read('tiling')[0]['device']}, commit {read('tiling')[0]['commit']})" if read("tiling") else "")
 
 
+def optimize_table() -> str:
+    """Must-show 1: each budget's plan, measured, beside the eager peak of the same run."""
+    rows = [r for r in _all_rows("optimize")]
+    eager = {r["model"]: r for r in rows if r["strategy"] == "eager_fp32"}
+    lines = ["| model | budget | status | measured peak GiB | budget GiB | vs eager | step ms | vs eager | estimate GiB | plan |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if not r["strategy"].startswith("convmem_plan"):
+            continue
+        e = eager.get(r["model"])
+        share = r["strategy"].replace("convmem_plan_", "")
+        note = r.get("note") or ""
+        budget = re.search(r"budget (\d+) B", note)
+        budget_gib = gib(budget.group(1)) if budget else "-"
+        ok = r["status"] == "ok"
+        mem = f"{int(r['peak_bytes']) / int(e['peak_bytes']):.2f}x" if ok and e else "-"
+        time = f"{float(r['step_ms']) / float(e['step_ms']):.2f}x" if ok and e else "-"
+        plan = note.split("; ")[-1] if ok else note
+        lines.append(f"| {r['model']} | {share} | {r['status']} | {gib(r.get('peak_bytes')) if ok else '-'} | {budget_gib} | {mem} | "
+                     f"{float(r['step_ms']):.1f} | {time} | {gib(r.get('estimate_bytes'))} | {plan} |"
+                     if ok else f"| {r['model']} | {share} | {r['status']} | - | {budget_gib} | - | - | - | - | {plan} |")
+    first = rows[0] if rows else {}
+    return "\n".join(lines) + f"\n\n({first.get('device', '?')}, torch {first.get('torch', '?')}, commit {first.get('commit', '?')})"
+
+
+def _all_rows(name: str):
+    """Every row of a CSV (not only status ok), the newest per (model, strategy)."""
+    import csv
+
+    path = os.path.join(os.path.dirname(__file__), "results", f"{name}.csv")
+    if not os.path.exists(path):
+        return []
+    latest = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            latest[(r["model"], r["strategy"])] = r
+    return list(latest.values())
+
+
+def dominance_table() -> str:
+    """Must-show 2: for each anchor, the least memory of a convmem plan at no more step time."""
+    anchors = read("anchors") + read("compile")
+    plans = [r for r in read("optimize") if r["strategy"].startswith("convmem_plan")]
+    lines = ["| model | anchor | anchor GiB | anchor ms | best convmem plan at <= that time | GiB | ms | dominated |",
+             "|---|---|---:|---:|---|---:|---:|---|"]
+    total = met = 0
+    for model in sorted({r["model"] for r in plans}):
+        mine = [r for r in plans if r["model"] == model]
+        for a in (r for r in anchors if r["model"] == model and r["strategy"] in ANCHOR_NAMES):
+            t, m = float(a["step_ms"]), int(a["peak_bytes"])
+            faster = [r for r in mine if float(r["step_ms"]) <= t]
+            best = min(faster, key=lambda r: int(r["peak_bytes"])) if faster else None
+            won = best is not None and int(best["peak_bytes"]) < m
+            total += 1
+            met += won
+            lines.append(f"| {model} | {a['strategy']} | {gib(m)} | {t:.1f} | {best['strategy'] if best else '(none that fast)'} | "
+                         f"{gib(best['peak_bytes']) if best else '-'} | {float(best['step_ms']):.1f} | {'yes' if won else '**no**'} |"
+                         if best else f"| {model} | {a['strategy']} | {gib(m)} | {t:.1f} | (none that fast) | - | - | **no** |")
+    return "\n".join(lines) + f"\n\nDominated: {met} of {total} anchors."
+
+
 SECTIONS = {
+    "optimize": optimize_table,
+    "dominance": dominance_table,
     "estimate": estimate_table,
     "anchors": lambda: strategy_table("anchors", "compile"),
     "strategies": lambda: strategy_table("anchors", "strategies", only={"torch_checkpoint_blocks"} | {

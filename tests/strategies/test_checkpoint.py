@@ -60,16 +60,34 @@ def test_zoo_models_are_exact(name, policy):
 def test_zoo_chains_segmented_by_kept_bytes_are_exact(name):
     entry = _zoo(name)
     optimized = checkpoint_(copy.deepcopy(entry.model), example_inputs=entry.inputs)
-    assert wrapper_state(optimized) == {entry.chain: "Checkpointed"}
+    state = wrapper_state(optimized)
+    # Either the chain as segments, or (where grouping would not lower the peak) every block.
+    assert state == {entry.chain: "Checkpointed"} or sorted(state) == sorted(entry.blocks), state
     assert_same_step(entry.model, optimized, entry.inputs, entry.loss_fn, steps=_steps(entry.model))
 
 
-def test_strided_encoder_segments_follow_the_bytes_not_the_count():
-    # wav2vec 2.0's encoder keeps most of its memory in its first layer (the longest signal).
-    entry = zoo.get("w2v2_fe", size="default", device="meta")
+def test_segments_only_where_they_lower_the_peak():
+    # tcn's 16 equal blocks: pairs keep 8 inputs instead of 16 at the same recompute size.
+    entry = zoo.get("tcn", size="default", device="meta")
     checkpoint_(entry.model, example_inputs=entry.inputs)
-    segments = entry.model.conv_layers.segments
-    assert segments[0] == 1 and len(set(segments)) > 1, segments
+    assert entry.model.blocks.segments == (2,) * 8
+    # wav2vec 2.0's encoder and Basenji's trunk: the first, longest block sets the backward peak
+    # whatever the later ones do, so each block stays its own segment (Basenji's grouped split
+    # measured 0.94 MiB above that on an H200).
+    for name, chain in (("w2v2_fe", "conv_layers"), ("basenji", "trunk")):
+        entry = zoo.get(name, size="default", device="meta")
+        checkpoint_(entry.model, example_inputs=entry.inputs)
+        assert type(entry.model.get_submodule(chain)).__name__ != "Checkpointed"
+
+
+def test_segment_cost_is_the_backward_peak_of_the_chain():
+    from convmem.strategies.checkpoint import _segment_cost
+
+    kept, inputs = [3] * 8, [1] * 8
+    assert _segment_cost(kept, inputs, (1,) * 8) == 10  # the last block recomputes with 7 inputs kept
+    assert _segment_cost(kept, inputs, (2,) * 4) == 9  # the last pair with 3
+    kept, inputs = [800, 100, 100, 100], [0, 50, 50, 50]
+    assert _segment_cost(kept, inputs, (1, 1, 1, 1)) == _segment_cost(kept, inputs, (1, 3)) == 800  # block 0 sets it
 
 
 @needs_selective
@@ -328,7 +346,11 @@ def test_other_styles_are_exact(style, policy):
         # Blocks are their own segments under "selective" (NOTE [Segments balanced by kept bytes]).
         expected = {f"{chain}.{i}" for chain in expected for i, item in enumerate(optimized.get_submodule(chain))
                     if next(item.parameters(), None) is not None}
-    assert set(wrapper_state(optimized)) == expected
+    per_block = {f"{chain}.{i}" for chain in expected if isinstance(optimized.get_submodule(chain), nn.Sequential)
+                 for i, item in enumerate(optimized.get_submodule(chain)) if next(item.parameters(), None) is not None}
+    # A chain is split into segments only where that lowers its peak (`_SEGMENTS_PAY`); these
+    # three-block chains may stay one block per segment.
+    assert set(wrapper_state(optimized)) in (expected, per_block or expected)
     assert_same_step(model, optimized, [x], steps=3)
 
 

@@ -199,7 +199,11 @@ def analyse(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs: Dic
     # which keeps any divisibility the model needs); ranges that move by a share of the length are
     # not local, small differences (parity effects of crops) are merged (`_merge`).
     """
-    axis = axis % x.ndim
+    with _trace.isolated():  # NOTE [The trace is not part of the step] in trace.py
+        return _analyse(module, x, args, kwargs, axis % x.ndim)
+
+
+def _analyse(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs: Dict[str, Any], axis: int) -> ReceptiveField:
     clone = meta_clone(module) if _has_real_tensors(module) else module
     last_error: Optional[Exception] = None
     for length in dict.fromkeys((_trace_length(x.shape[axis]), x.shape[axis])):
@@ -263,8 +267,7 @@ def _trace_at(module: nn.Module, clone: nn.Module, x: torch.Tensor, length: int,
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
     meta_args, meta_kwargs = tree_unflatten([meta_x if v is x else to_meta(v) for v in leaves], spec)
     try:
-        with _trace.active():
-            result = _trace.trace(clone, meta_x, meta_args, meta_kwargs, axis)
+        result = _trace.trace(clone, meta_x, meta_args, meta_kwargs, axis)
     except NotLocal as refusal:
         culprit = dict(module.named_modules()).get(refusal.module)
         reason = _module_reason(culprit, refusal.reason) if culprit is not None else refusal.reason

@@ -723,10 +723,38 @@ def is_active() -> bool:
     return getattr(_STATE, "active", False)
 
 
+# NOTE [The trace is not part of the step]
+# A length trace runs the module at full length (and twice that, NOTE [Two trace lengths] in
+# receptive_field.py) on the meta device. On a GPU those meta tensors take no device memory, but
+# the no-GPU estimate runs the step itself on meta under modes of its own: the simulated CUDA
+# allocator (a dispatch mode that counts every meta storage) and simulated autocast (a function
+# mode that casts and caches weights). Seen by them, the trace of a `Tiled` module's first call
+# counted as a forward at twice the whole input's length: 2.8 GiB estimated for tcn in tiles of
+# 4096 against 1.03 GiB measured on an H200. So the trace runs outside every mode its caller
+# entered, and `is_active()` tells module hooks (the profile's recorder) that these calls are not
+# the step's.
+
+
+@contextlib.contextmanager
+def isolated():
+    """An analysis, not the caller's computation: the caller's torch-function and dispatch modes are
+    popped, and `is_active()` is true (NOTE [The trace is not part of the step])."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    function_modes = [torch._C._pop_torch_function_stack() for _ in range(torch._C._len_torch_function_stack())]
+    try:
+        with _disable_current_modes(), active():
+            yield
+    finally:
+        for mode in reversed(function_modes):
+            torch._C._push_on_torch_function_stack(mode)
+
+
 def trace(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs: Dict[str, Any], axis: int) -> TraceResult:
     """Run `module` (already on the meta device) on meta `x` and follow its time axis `axis`.
 
-    Raises `NotLocal` with the reason and the submodule at fault.
+    Runs `isolated()` from the caller (NOTE [The trace is not part of the step]). Raises
+    `NotLocal` with the reason and the submodule at fault.
     """
     names = {id(m): name for name, m in module.named_modules()}
     tracer = LengthTracer(names, x.shape[axis])
@@ -736,7 +764,7 @@ def trace(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs: Dict[
         handles.append(m.register_forward_hook(lambda mod, inp, out: tracer.pop()))
     identity = lambda n: n  # noqa: E731
     try:
-        with torch.no_grad(), tracer:
+        with isolated(), torch.no_grad(), tracer:
             tracer.assign(x, Track(axis, Fraction(1), Fraction(0), Fraction(0), identity), "the input")
             output = module(x, *args, **kwargs)
     finally:

@@ -14,18 +14,35 @@ recompute (the RNG state is replayed), and autocast is re-entered as it was.
 # NOTE [Buffers are updated once]
 # Plain `torch.utils.checkpoint` runs the forward twice, so every buffer the forward updates in
 # place -- BatchNorm's running_mean, running_var and num_batches_tracked, a spectral-norm power
-# iteration vector -- is updated twice per step (pytorch issue 96136). The recompute must instead
-# see the buffers exactly as the first forward saw them, and must leave them as the first forward
-# left them. So, per checkpoint call:
-#   * entering the first forward, every buffer of the checkpointed modules is copied; on leaving
-#     it, the copies of buffers the forward did not change (same tensor, equal values) are
-#     dropped. What stays until backward is a copy of BatchNorm's statistics: 2 x channels numbers.
-#   * entering the recompute, each changed buffer is swapped for a fresh copy of its value before
-#     the first forward; on leaving (normally, by early stop, or by error), the buffers the first
-#     forward produced are swapped back. They are the same tensor objects, untouched.
-# The recompute therefore computes exactly what the first forward computed (BatchNorm in training
-# mode normalises with the batch's statistics, in eval mode with running statistics that are the
-# same ones), and the running statistics advance once. Both hooks are `context_fn` contexts of
+# iteration vector -- is updated twice per step (pytorch issue 96136). The recompute must compute
+# exactly what the first forward computed and must leave the buffers as it found them, and (the
+# memory being the point) nothing should live from forward to backward that plain checkpointing
+# does not keep. Two kinds of buffer, per checkpoint call:
+#   * BatchNorm's running statistics (PyTorch's own BatchNorm forward, not an override). In train
+#     mode it normalises with the batch's statistics: its output does not depend on the running
+#     ones, which it only updates (with momentum=None, by a cumulative average that reads
+#     num_batches_tracked: also only for the update). So the first forward needs no copy of them,
+#     and the recompute only has to undo its own update: a forward pre-hook, present during the
+#     recompute only, copies the statistics of the BatchNorm about to run, and a forward hook
+#     (called even if the forward raises) copies them back and drops the copy. The copy lives for
+#     one BatchNorm call (2 x channels numbers and a counter); it is made outside dispatch modes,
+#     as it is no op of the block (selective checkpointing replays those by count; the estimate's
+#     simulated allocator does not see it either). A BatchNorm called twice, in a nested
+#     checkpoint or also outside the block, is undone call by call. In eval mode the forward reads
+#     the running statistics and writes none: nothing to do.
+#   * Every other buffer (a spectral-norm vector: the weight is computed from it, then it is
+#     updated). Entering the first forward, each is copied; on leaving it, the copies of buffers
+#     the forward did not change (same tensor, equal values) are dropped, and those of changed
+#     ones stay until backward: the recompute needs the values the first forward read. Entering
+#     the recompute, each changed buffer is swapped for a fresh copy of that value; on leaving
+#     (normally, by early stop, or by error) the buffers the first forward produced are swapped
+#     back, the same tensor objects, untouched.
+# The recompute therefore computes exactly what the first forward computed, and buffers advance
+# once. For BatchNorm, what is kept until backward is what plain checkpointing keeps: every block
+# of conformer_conv, basenji and resnet1d checkpointed has the peak of torch.utils.checkpoint around
+# the same blocks, byte for byte on an H200 (an earlier version held copies of the pre-forward
+# statistics until backward: 42 KiB more on conformer_conv); guarded without a GPU in
+# tests/nn/test_checkpointed_batchnorm.py. The contexts are `context_fn` contexts of
 # `torch.utils.checkpoint`, which enters them around the first forward and the recompute.
 #
 # NOTE [Selective recompute]
@@ -144,6 +161,9 @@ class Checkpointed(ModuleWrapper):
             checkpointed on its own (``(1, 2, 4)`` for 7 items: [0], [1, 2], [3..6]). Only each
             run's input is kept; backward recomputes one run at a time. Default: the whole module
             is one run.
+        recompute: with `segments`, one flag per run: False runs that run as it is (its items keep
+            what they keep, or do what their own wrappers do), so a plan can checkpoint some runs
+            of a chain and not others (`convmem.optimize_`). Default: every run is checkpointed.
 
     `state_dict()` keys are those of `wrapped`. Under ``torch.no_grad()`` it runs `wrapped` directly.
 
@@ -157,13 +177,19 @@ class Checkpointed(ModuleWrapper):
         once per forward (no ``retain_graph`` double backward with ``policy="selective"``).
     """
 
-    def __init__(self, wrapped: nn.Module, policy: str = "full", segments: Optional[Sequence[int]] = None):
+    def __init__(self, wrapped: nn.Module, policy: str = "full", segments: Optional[Sequence[int]] = None,
+                 recompute: Optional[Sequence[bool]] = None):
         policy = resolve_policy(policy)
         if segments is not None:
             segments = _check_segments(wrapped, segments)
+        if recompute is not None:
+            recompute = tuple(bool(r) for r in recompute)
+            if segments is None or len(recompute) != len(segments):
+                raise ValueError(f"recompute needs one flag per segment, got {recompute} for segments {segments}")
         super().__init__(wrapped)
         self.policy = policy
         self.segments: Optional[Tuple[int, ...]] = segments
+        self.recompute: Optional[Tuple[bool, ...]] = recompute
         # (segment index, training) -> which expensive ops to keep, or None: see NOTE [Selective recompute].
         self._keep: Dict[Tuple[int, bool], Optional[Tuple[bool, ...]]] = {}
 
@@ -178,14 +204,20 @@ class Checkpointed(ModuleWrapper):
             )
         start = 0
         for index, size in enumerate(self.segments):
-            args = (self._run(nn.Sequential(*items[start : start + size]), index, args, kwargs),)
+            run = nn.Sequential(*items[start : start + size])
+            if self.recompute is not None and not self.recompute[index]:
+                args = (run(*args, **kwargs),)
+            else:
+                args = (self._run(run, index, args, kwargs),)
             kwargs = {}
             start += size
         return args[0]
 
     def extra_repr(self) -> str:
         text = f"policy={self.policy!r}"
-        return text if self.segments is None else f"{text}, segments={self.segments}"
+        if self.segments is not None:
+            text += f", segments={self.segments}"
+        return text if self.recompute is None else f"{text}, recompute={self.recompute}"
 
     def _run(self, module: nn.Module, index: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         if not torch.is_grad_enabled():
@@ -230,8 +262,23 @@ def _check_segments(wrapped: nn.Module, segments: Sequence[int]) -> Tuple[int, .
 # ------------------------------------------------------------------------------ buffers, once
 
 
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+# Forwards that read BatchNorm's running statistics only in eval mode (NOTE [Buffers are updated once]).
+_STOCK_NORM_FORWARDS = frozenset({nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward})
+
+
+def _running_statistics(module: nn.Module) -> bool:
+    """Whether `module` is a BatchNorm whose running statistics its forward writes (train mode) or
+    only reads (eval mode), but never both: PyTorch's own forward, not an override."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module).forward in _STOCK_NORM_FORWARDS
+
+
 class _FirstForward:
-    """Entered around the first forward: notes the buffers it changes, as they were before it."""
+    """Entered around the first forward: notes the buffers it changes, as they were before it.
+
+    BatchNorm's running statistics are left out: the recompute does not need their old values
+    (NOTE [Buffers are updated once]).
+    """
 
     def __init__(self, modules: List[nn.Module]):
         self.modules = modules
@@ -240,7 +287,8 @@ class _FirstForward:
 
     def __enter__(self) -> None:
         self.before = [
-            (m, name, b, b.detach().clone()) for m in self.modules for name, b in m._buffers.items() if b is not None
+            (m, name, b, b.detach().clone()) for m in self.modules for name, b in m._buffers.items()
+            if b is not None and not (name in _STATISTICS and _running_statistics(m))
         ]
 
     def __exit__(self, *exc) -> None:
@@ -249,11 +297,15 @@ class _FirstForward:
 
 
 class _Recompute:
-    """Entered around each recompute (one per backward through it): the buffers as the first forward found them."""
+    """Entered around each recompute (one per backward through it): the buffers as the first forward
+    found them; BatchNorm statistics put back after each BatchNorm call (NOTE [Buffers are updated once])."""
 
     def __init__(self, first_forward: _FirstForward):
         self.first_forward = first_forward
         self.after: List[Tuple[nn.Module, str, torch.Tensor]] = []
+        self.handles: List[Any] = []
+        # Per BatchNorm call running: (statistic, its value before the call).
+        self.pending: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
 
     def __enter__(self) -> None:
         changed = self.first_forward.changed
@@ -261,11 +313,37 @@ class _Recompute:
         for m, name, copy in changed:
             # A fresh copy each time: a second backward (retain_graph) recomputes from the same values.
             m._buffers[name] = copy.clone()
+        self.handles = []
+        for m in self.first_forward.modules:
+            if _running_statistics(m):
+                self.handles.append(m.register_forward_pre_hook(self._note))
+                self.handles.append(m.register_forward_hook(self._put_back, always_call=True))
+
+    def _note(self, module: nn.Module, args: Any) -> None:
+        updated = module.training and module.track_running_stats
+        statistics = [module._buffers.get(name) for name in _STATISTICS] if updated else []
+        with _disable_current_modes():  # not an op of the block: selective checkpointing replays those by count
+            self.pending.append([(b, b.detach().clone()) for b in statistics if b is not None])
+
+    def _put_back(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.pending:
+            _restore(self.pending.pop())
 
     def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        while self.pending:  # a recompute that raised inside a BatchNorm
+            _restore(self.pending.pop())
         for m, name, tensor in self.after:
             m._buffers[name] = tensor
         self.after = []
+
+
+def _restore(statistics: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with _disable_current_modes(), torch.no_grad():
+        for b, value in statistics:
+            b.copy_(value)
 
 
 def _changed(now: Optional[torch.Tensor], before: torch.Tensor, copy: torch.Tensor) -> bool:
@@ -405,6 +483,11 @@ def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, 
         # dropout draws from where it was.
         with _disable_current_modes(), torch.random.fork_rng(devices=[]), torch.enable_grad():
             clone = meta_clone(module)
+            for m in clone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
+                    # A cumulative average reads num_batches_tracked's value, which meta tensors
+                    # lack; the ops, and so the choice of kept outputs, are those of any momentum.
+                    m.momentum = 0.1
             meta_args, meta_kwargs = to_meta(args), to_meta(kwargs)
             with _autocast_like(args), torch.autograd.graph.saved_tensors_hooks(lineage.pack, _identity), lineage:
                 clone(*meta_args, **meta_kwargs)

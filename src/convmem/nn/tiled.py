@@ -13,7 +13,9 @@ the untiled module's up to floating-point reassociation.
 # (windows overlap by the halo) and parameter gradients are summed over tiles. The parameters are
 # inputs of the Function, so autograd accumulates each ``.grad`` exactly once per backward, as for
 # the untiled module (gradient hooks, DDP). Autocast state is captured in forward and re-entered in
-# backward, as torch.utils.checkpoint does.
+# backward, as torch.utils.checkpoint does; on the meta device of the no-GPU estimate, where CUDA
+# autocast is simulated by a function mode (profile/autocast_sim.py), that mode is re-entered, so
+# the estimate's recompute runs in the low dtype as the GPU's does.
 
 # NOTE [Forward windows]
 # Forward keeps nothing, so its windows need not be as small as backward's: under no_grad only a few
@@ -71,6 +73,7 @@ from ..analysis.receptive_field import (
     ReceptiveField, analyse, batch_of_one, buffers_kept, known_refusal, probe, probe_length,
 )
 from ..analysis.windows import Window, plan_windows
+from ..profile.autocast_sim import SimulatedAutocast
 from ._wrapper import ModuleWrapper
 
 __all__ = ["Tiled", "check_batch_chunk", "check_forward_tile_length", "check_tile_length", "check_tiling"]
@@ -242,14 +245,27 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast_state(device_type: str) -> Optional[Dict[str, Any]]:
-    if not torch.amp.is_autocast_available(device_type):  # the meta device of convmem.profile's estimate
-        return None
+    if not torch.amp.is_autocast_available(device_type):
+        # The meta device of convmem.profile's estimate, where CUDA autocast is simulated by a
+        # function mode that backward re-enters as CUDA's would be (NOTE [Tiled autograd]).
+        modes = torch.overrides._get_current_function_mode_stack()
+        simulated = [m for m in modes if isinstance(m, SimulatedAutocast)]
+        return {"simulated": simulated[-1].dtype} if simulated else None
     return {
         "device_type": device_type,
         "enabled": torch.is_autocast_enabled(device_type),
         "dtype": torch.get_autocast_dtype(device_type),
         "cache_enabled": torch.is_autocast_cache_enabled(),
     }
+
+
+def _autocast_context(state: Optional[Dict[str, Any]]) -> contextlib.AbstractContextManager:
+    """Autocast as `_autocast_state` found it in forward (a fresh region: casts are cached anew)."""
+    if state is None:
+        return contextlib.nullcontext()
+    if "simulated" in state:
+        return SimulatedAutocast(state["simulated"])
+    return torch.autocast(**state)
 
 
 class _TiledFunction(torch.autograd.Function):
@@ -278,7 +294,7 @@ class _TiledFunction(torch.autograd.Function):
         grad_params: List[Optional[torch.Tensor]] = [None] * len(runner.params)
         batch = x.shape[0]
         chunk = batch if runner.batch_chunk is None else min(runner.batch_chunk, batch)
-        autocast = torch.autocast(**ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext()
+        autocast = _autocast_context(ctx.autocast)
         with torch.enable_grad(), autocast:
             starts = range(0, batch, chunk) if chunk < batch else (0,)
             for w, b in ((w, b) for w in runner.windows for b in starts):

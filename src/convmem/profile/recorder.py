@@ -15,7 +15,9 @@ autograd saves to the innermost call that is running, and autograd-node hooks ti
 # Modules that run again *during* backward -- the recompute of a checkpointed or tiled module --
 # keep nothing between forward and backward: their calls are marked `in_backward`, what they save
 # is not kept (it lives only while their backward runs, and the live set counts it as transient),
-# and the report leaves their rows out.
+# and the report leaves their rows out. Calls made by a length analysis (the meta trace of a tiled
+# module's first call) are not the step's and are not recorded at all (NOTE [The trace is not part
+# of the step] in analysis/trace.py).
 
 # NOTE [Backward time per module]
 # Full backward hooks (``register_full_backward_hook``) wrap a module's inputs and outputs in an
@@ -150,6 +152,7 @@ class StepRecorder:
         self._node_marks: List[tuple] = []  # (call, start mark holder)
         self._handles: List[Any] = []
         self._saved_hooks = None
+        self._tracing: Callable[[], bool] = lambda: False
 
     # -- kept bytes -------------------------------------------------------------------------
     def _pack(self, tensor: torch.Tensor):
@@ -175,6 +178,8 @@ class StepRecorder:
     # -- module hooks ----------------------------------------------------------------------
     def _pre_hook(self, name: str):
         def hook(module, args):
+            if self._tracing():
+                return  # a length analysis, not the step (NOTE [The trace is not part of the step])
             index = self._call_counts.get(name, 0)
             self._call_counts[name] = index + 1
             parent = self._stack[-1] if self._stack else None
@@ -195,6 +200,8 @@ class StepRecorder:
 
     def _post_hook(self, name: str):
         def hook(module, args, output):
+            if self._tracing():
+                return
             call = self._stack.pop()
             outputs = tensors_in(output)
             call.output_bytes = unique_storage_bytes(outputs)
@@ -254,6 +261,9 @@ class StepRecorder:
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "StepRecorder":
+        from ..analysis.trace import is_active  # analysis imports profile: not at module level
+
+        self._tracing = is_active
         for name, module in self.model.named_modules():
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self._handles.append(module.register_forward_hook(self._post_hook(name)))

@@ -17,7 +17,8 @@ Outputs, gradients and buffers stay those of the untouched model (DESIGN.md, inv
 # the memory in one segment. With example inputs the bytes each item keeps (its calls' and its
 # children's, from `convmem.profile.estimate_step` on the meta device) and the bytes of each item's
 # output are known, and `plan_segments` finds the split into consecutive segments that minimises
-# the sum above exactly: for every candidate bound on the largest segment (each sum of consecutive
+# the sum above exactly (and is used only where it lowers the peak below one block per segment:
+# `_SEGMENTS_PAY`): for every candidate bound on the largest segment (each sum of consecutive
 # items), a dynamic programme finds the split with the cheapest segment inputs; the best bound
 # wins, and between equal costs the split with fewer segments (fewer checkpoint calls).
 #
@@ -245,8 +246,31 @@ def _plan_chains(model: nn.Module, names: List[str], inputs: Tuple[Any, ...]) ->
             continue  # the chain did not run on the example inputs: its blocks stay one per segment
         kept = [_inclusive_kept(child) for child in call.children]
         item_inputs = [0] + [child.output_bytes for child in call.children[:-1]]
-        plans[chain] = plan_segments(kept, item_inputs)
+        segments = plan_segments(kept, item_inputs)
+        if _segment_cost(kept, item_inputs, segments) > _SEGMENTS_PAY * _segment_cost(kept, item_inputs, (1,) * len(kept)):
+            continue  # grouping saves too little to be worth a longer recompute: one block per segment
+        plans[chain] = segments
     return plans
+
+
+# Segments replace one-block-per-segment only when they lower the peak of the chain by more than
+# 1% (`_SEGMENTS_PAY`). `plan_segments` balances kept bytes, but backward runs the segments in
+# reverse: while segment s recomputes, only the inputs of the segments before it are still kept,
+# so the peak is ``max_s (inputs kept before s + what s keeps)`` (NOTE [Chain cost model] in
+# plan/solver.py). When the first, longest blocks set that maximum, grouping the later ones saves
+# nothing at the peak (basenji's (1, 1, 2, 14) measured 0.94 MiB above one block per segment on an
+# H200), and one block per segment recomputes less at a time.
+_SEGMENTS_PAY = 0.99
+
+
+def _segment_cost(kept: Sequence[int], inputs: Sequence[int], segments: Sequence[int]) -> int:
+    """The peak of the chain's kept bytes with `segments` checkpointed (see `_SEGMENTS_PAY`)."""
+    prefix, start, peak = 0, 0, 0
+    for size in segments:
+        peak = max(peak, prefix + sum(kept[start:start + size]))
+        prefix += inputs[start]
+        start += size
+    return max(peak, prefix)
 
 
 def _inclusive_kept(call: ModuleCall) -> int:

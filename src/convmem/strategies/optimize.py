@@ -185,11 +185,18 @@ def optimize_(
         return plan.estimated_peak_bytes
 
     def infeasible() -> InfeasibleBudget:
-        floor = min_peak(problem)
-        smallest = floor.peak
-        if length is None or length == costs.length:
-            smallest = max(smallest, estimated(make(floor)))  # NOTE [Sound within its own estimate]
-            restore_(model)
+        # The least-peak plan by the cost model, checked by the estimate (NOTE [Sound within its own
+        # estimate]); with fewer options too, since the model's least may not be the estimate's.
+        smallest = None
+        subsets = {config.allow, tuple(a for a in config.allow if a != "offload"),
+                   tuple(a for a in config.allow if a not in ("offload", "tile"))}
+        for subset in subsets:
+            floor = min_peak(costs.problem(subset, plan_length))
+            peak = floor.peak
+            if length is None or length == costs.length:
+                peak = max(peak, estimated(make(floor)))
+                restore_(model)
+            smallest = peak if smallest is None else min(smallest, peak)
         lossy_min = _lossy_min(costs, config.allow, plan_length)
         return InfeasibleBudget(
             f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + config.allow)} fits "
