@@ -62,13 +62,14 @@ class ItemCost:
     length: int  # input samples of the block along the time axis
     tile_lengths: List[int] = dataclasses.field(default_factory=list)
     halo: int = 0
+    gradient_correction: int = 0  # NOTE [Measured option costs]: fitted to the all-checkpointed estimate
     alive: Dict[str, int] = dataclasses.field(default_factory=dict)  # option -> bytes left alive to forward's end
 
     @property
     def gradients(self) -> int:
         """Bytes of gradients alive while this block runs backward: its output's, its input's and
         the largest internal one."""
-        return self.input_bytes + self.output_bytes + self.largest_activation
+        return max(0, self.input_bytes + self.output_bytes + self.largest_activation + self.gradient_correction)
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ class ChainCosts:
                 inside, extra, grads, alive = 0, 0.0, 0, 0
                 for k in range(i, stop_max):
                     inside += items[k].kept_keep
-                    extra += items[k].extra_s["checkpoint"]
+                    extra += items[k].extra_s.get("checkpoint", 0.0)
                     grads = max(grads, items[k].gradients)
                     alive += items[k].alive.get("checkpoint", 0)
                     choices.append(Choice(i, k + 1, "checkpoint", b(items[i].kept_checkpoint), b(inside + grads),
@@ -173,6 +174,31 @@ def _forward_end(estimate) -> int:
     """Bytes live when forward ends (the loss begins): what the step keeps, plus resident memory."""
     index = estimate.phase_starts.get("loss", len(estimate.timeline))
     return estimate.timeline[max(0, min(index, len(estimate.timeline)) - 1)]
+
+
+def _fit_gradients(items: List[ItemCost], chain: Optional[str], base: int, forward_base: int, estimate) -> None:
+    """Correct the gradient bytes of the block whose backward sets the peak with every block
+    checkpointed, so that the chain model reproduces that estimate (NOTE [Measured option costs]).
+
+    What a block holds besides its activations while its backward runs (gradients of its output,
+    its input, an internal activation) depends on the order its ops free things in; the untouched
+    estimate calibrates `base`, and this one the block that matters most for small budgets.
+    """
+    probe = ChainCosts("", None, items, base, forward_base, 0, 0, 1, "modelled")
+    problem = probe.problem(("checkpoint",))
+    singles = [c for c in problem.choices if c.option == "checkpoint" and c.stop == c.start + 1]
+    if len(singles) != len(items):
+        return
+    prefix, worst, where = 0, -1, None
+    for c in singles:
+        if prefix + c.working > worst:
+            worst, where = prefix + c.working, c.start
+        prefix += c.kept
+    from .solver import peak_of
+    predicted = peak_of(problem, singles)
+    if where is None or problem.base + worst < predicted:
+        return  # the forward sets that peak, not a block's backward
+    items[where].gradient_correction = estimate.peak_bytes - predicted
 
 
 def _forward_peak(estimate) -> int:
@@ -306,6 +332,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     base = plain.peak_bytes - peak_of(keep_only, all_keep)
     forward_base = max(base, forward_peak - sum(it.kept_keep for it in items))
     _alive(items, option_estimates, forward_base)
+    _fit_gradients(items, chain, base, forward_base, option_estimates["checkpoint"])
     fixed = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in model.parameters())
     fixed += sum(b.numel() * b.element_size() for b in model.buffers())
     for tile in chain_tiles:
@@ -318,7 +345,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     if measure_times is None:
         measure_times = device is not None and device.type == "cuda"
     if measure_times:
-        _measured_times(model, inputs, loss_fn, allow, costs, say)
+        _measured_times(model, inputs, loss_fn, allow, costs, say, autocast)
     else:
         _roofline_times(costs, allow)
     return costs
@@ -381,6 +408,8 @@ def _touched(it: ItemCost) -> int:
 
 
 def _roofline_times(costs: ChainCosts, allow: Sequence[str]) -> None:
+    if not costs.items:
+        return
     for it in costs.items:
         f = 3 * _touched(it) / _HBM_BYTES_PER_S
         it.forward_s = f
@@ -401,7 +430,7 @@ def _roofline_times(costs: ChainCosts, allow: Sequence[str]) -> None:
     costs.times = "modelled"
 
 
-def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts, say) -> None:
+def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts, say, autocast=None) -> None:
     """Per option, a few steps of the model with the option on every block; each block is charged
     its share of the difference to the untouched step (NOTE [Measured option costs])."""
     from .timing import step_seconds
@@ -414,7 +443,7 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
         say(f"timing {label}")
         undo = swap_modules(model, replacements) if replacements else (lambda: None)
         try:
-            return step_seconds(model, inputs, loss_fn)
+            return step_seconds(model, inputs, loss_fn, autocast=autocast)
         except Exception as error:
             warnings.warn(f"optimize_: could not time {label}: {error}", stacklevel=4)
             return None

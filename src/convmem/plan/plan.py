@@ -145,17 +145,24 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
 
+def _roots(items: Sequence[str], chain: Optional[str]) -> List[str]:
+    """The containers whose whole contents a plan depends on: the chain, or the blocks' parents."""
+    if chain:
+        return [chain]
+    return list(dict.fromkeys(name.rpartition(".")[0] for name in items))
+
+
 def structure_of(model: nn.Module, items: Sequence[str], chain: Optional[str]) -> List[Tuple[str, str]]:
-    """(name, class) of the chain and every module inside the blocks: what a plan must find again."""
-    roots = [chain] if chain else list(items)
+    """(name, class) of every module inside the containers that hold the blocks: what a plan must
+    find again (NOTE [A plan checks the model it is applied to])."""
     out = []
-    for root in roots:
-        module = model.get_submodule(root)
+    for root in _roots(items, chain):
+        module = model.get_submodule(root) if root else model
         for name, sub in module.named_modules():
             if isinstance(sub, ModuleWrapper):
                 continue
-            full = f"{root}.{name}" if name else root
-            out.append((full.replace(".wrapped", ""), type(sub).__name__))
+            full = ".".join(p for p in (root, name) if p)
+            out.append((full.replace(".wrapped", "").replace("wrapped.", ""), type(sub).__name__))
     return out
 
 
@@ -178,10 +185,18 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
                 f"here it is a {type(module).__name__}"
             )
     if plan.chain:
-        expected = sum(1 for name, _ in plan.structure if name.startswith(plan.chain + ".") and name.count(".") == plan.chain.count(".") + 1)
+        expected = sum(1 for name, _ in plan.structure
+                       if name.startswith(plan.chain + ".") and name.count(".") == plan.chain.count(".") + 1)
         have = len(model.get_submodule(plan.chain))
         if have != expected:
             raise ValueError(f"apply_: {plan.chain!r} has {have} items here, the plan was made for {expected}")
+    planned = {name for name, _ in plan.structure}
+    for name, cls in structure_of(model, plan.items, plan.chain):
+        if name not in planned:
+            raise ValueError(
+                f"apply_: this {type(model).__name__} has a module {name!r} ({cls}) that the {plan.model} "
+                "the plan was made for does not have"
+            )
 
 
 def apply_(model: nn.Module, plan: Plan) -> nn.Module:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence
 
-__all__ = ["Choice", "Segment", "ChainProblem", "Solution", "solve", "min_peak", "brute_force", "peak_of"]
+__all__ = ["Choice", "ChainProblem", "Solution", "solve", "min_peak", "brute_force", "peak_of"]
 
 _GRAIN_STEPS = 4096
 
@@ -175,14 +175,15 @@ def solve(problem: ChainProblem, budget: int, grain: Optional[int] = None) -> Op
     model]); default budget / 4096. 1 makes the search exact; the result is always within budget.
     """
     if problem.n_items == 0:
-        return Solution([], problem.base, 0.0) if problem.base <= budget else None
+        peak = peak_of(problem, [])
+        return Solution([], peak, 0.0) if peak <= budget else None
     return _run(problem, budget, "time", grain or _default_grain(problem, budget))
 
 
 def min_peak(problem: ChainProblem, grain: Optional[int] = None) -> Optional[Solution]:
     """The plan with the smallest predicted peak (the smallest feasible budget); None if no plan covers the chain."""
     if problem.n_items == 0:
-        return Solution([], problem.base, 0.0)
+        return Solution([], peak_of(problem, []), 0.0)
     return _run(problem, None, "peak", grain or _default_grain(problem, None))
 
 

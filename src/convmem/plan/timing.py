@@ -6,6 +6,7 @@ planner's bytes come from the estimate, and `convmem.profile.measure_step` measu
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Optional, Sequence
@@ -18,8 +19,9 @@ from ..profile.step import LossFn, default_loss, model_device
 
 
 def step_seconds(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossFn] = None,
-                 repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds of one training step (forward, loss, backward; no optimizer).
+                 repeats: int = 3, warmup: int = 1, autocast: Optional[torch.dtype] = None) -> float:
+    """Median seconds of one training step (forward, loss, backward; no optimizer), under
+    ``torch.autocast`` in `autocast` when given.
 
     The model comes back as it was (parameters, gradients, buffers, modes: `preserved`).
     """
@@ -34,7 +36,9 @@ def step_seconds(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[Loss
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             began = time.perf_counter()
-            loss_fn(model(*inputs)).backward()
+            with contextlib.nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast):
+                loss = loss_fn(model(*inputs))
+            loss.backward()
             if cuda:
                 end.record()
                 torch.cuda.synchronize(device)

@@ -16,6 +16,7 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -41,10 +42,13 @@ Budget = Union[int, float, str]
 class InfeasibleBudget(ValueError):
     """No plan with the allowed options fits the budget; `min_bytes` is the smallest that does."""
 
-    def __init__(self, message: str, min_bytes: int, lossy_min_bytes: Optional[int] = None):
+    def __init__(self, message: str, min_bytes: int, lossy_min_bytes: Optional[int] = None,
+                 costs: Optional[ChainCosts] = None, plan: Optional[Plan] = None):
         super().__init__(message)
         self.min_bytes = min_bytes
         self.lossy_min_bytes = lossy_min_bytes
+        self.costs = costs  # pass as optimize_(..., costs=error.costs) to re-plan without profiling
+        self.plan = plan  # the plan that reaches `min_bytes` (not applied)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,29 +68,42 @@ class OptimizeConfig(ConfigDict):
         object.__setattr__(self, "allow", tuple(self.allow))
         if not isinstance(self.lossy, bool):
             raise TypeError(f"{_STRATEGY}: lossy must be True or False, got {self.lossy!r}")
+        if self.lossy:
+            raise NotImplementedError(
+                f"{_STRATEGY}: lossy=True is not planned yet; apply lossy strategies on their own "
+                "(convmem.to_depthwise_separable_, convmem.downsample_), each reports its error")
 
 
 def parse_budget(budget: Budget, eager_peak: int) -> int:
-    """Bytes from ``4_000_000_000``, ``"4GiB"``, ``"25%"`` or ``0.25`` (fractions of the untouched peak)."""
-    if isinstance(budget, bool):
-        raise TypeError(f"{_STRATEGY}: budget must be bytes, a size such as '4GiB', or a fraction such as 0.25, got {budget!r}")
-    if isinstance(budget, float) and 0 < budget <= 1:
-        return int(budget * eager_peak)
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        try:
-            share = float(budget.strip()[:-1])
-        except ValueError:
-            raise ValueError(f"{_STRATEGY}: cannot parse the budget {budget!r}; write e.g. '25%', '4GiB' or 0.25") from None
-        if not 0 < share <= 100:
-            raise ValueError(f"{_STRATEGY}: a budget in percent must be in (0, 100], got {budget!r}")
-        return int(share / 100 * eager_peak)
+    """Bytes from ``4_000_000_000``, ``"4GiB"``, ``"25%"``, ``0.25`` or ``"0.25"`` (fractions of the
+    untouched peak; a number up to 1 is a fraction, above it a byte count)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(f"{_STRATEGY}: budget must be bytes, a size such as '4GiB', or a fraction such as 0.25, "
+                        f"got {budget!r}")
+    original = budget
+    text = budget.strip() if isinstance(budget, str) else None
     try:
-        value = parse_bytes(budget)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{_STRATEGY}: cannot parse the budget {budget!r}: {error}") from None
-    if value <= 0:
-        raise ValueError(f"{_STRATEGY}: the budget must be positive, got {budget!r}")
-    return value
+        if text is not None and text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError(f"a budget in percent must be in (0, 100], got {budget!r}")
+            return max(1, int(share / 100 * eager_peak))
+        if text is not None:
+            try:
+                budget = float(text)  # a bare number: a fraction up to 1, else bytes
+            except ValueError:
+                value = parse_bytes(text)
+                if value <= 0:
+                    raise ValueError(f"the budget must be positive, got {text!r}") from None
+                return value
+        if not math.isfinite(budget) or budget <= 0:
+            raise ValueError(f"the budget must be a positive, finite number, got {budget!r}")
+        if budget <= 1:
+            return max(1, int(budget * eager_peak))
+        return int(budget)
+    except (ValueError, OverflowError) as error:
+        raise ValueError(f"{_STRATEGY}: cannot parse the budget {original!r}: {error}; write e.g. '4GiB', "
+                         "'25%' or 0.25") from None
 
 
 def optimize_(
@@ -113,8 +130,9 @@ def optimize_(
             untouched model's estimated peak (``0.25`` or ``"25%"``).
         loss_fn: ``loss_fn(output) -> scalar``; default: mean of squares of the outputs.
         allow: options the planner may use; "keep" always is.
-        lossy: reserved for lossy options (bf16 saved tensors, depthwise conversion); the planner
-            uses exact options only, and an infeasible budget says what lossy ones would add.
+        lossy: must be False: the planner uses exact options only. An infeasible budget says what
+            keeping saved activations in bfloat16 would reach; lossy strategies are applied on
+            their own (``to_depthwise_separable_``, ``downsample_``) and report their error.
         length: plan for inputs of this length instead of the example's (costs scale linearly:
             NOTE [Measured option costs]); the plan is then not applied (the model stays as it is).
         measure: on a GPU, time each option (default) and measure the optimized step.
@@ -138,31 +156,23 @@ def optimize_(
         raise ValueError(f"{_STRATEGY}: the model already holds convmem wrappers; call convmem.restore_(model) first")
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
         raise ValueError(f"{_STRATEGY}: length must be a positive int, got {length!r}")
+    parse_budget(budget, 1 << 40)  # a budget that cannot be read fails before any profiling
     say = _progress(progress)
 
     if costs is None:
         costs = chain_costs(model, inputs, loss_fn, config.allow, autocast, measure_times=measure, progress=say)
     if not costs.items:
-        raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks])")
+        raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks]); "
+                         "use convmem.checkpoint_(model, filter_fn=...) or convmem.tile_ on chosen modules instead")
     plan_length = length or costs.length
     scale = costs.scale(plan_length)
     eager_peak = costs.fixed + int((costs.eager_peak - costs.fixed) * scale)
     target = parse_budget(budget, eager_peak)
     problem = costs.problem(config.allow, plan_length)
-
-    def infeasible(best_bytes: int) -> InfeasibleBudget:
-        lossy_min = _lossy_min(costs, config.allow, plan_length)
-        return InfeasibleBudget(
-            f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + config.allow)} fits "
-            f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these options "
-            f"is {format_bytes(best_bytes)} (untouched: {format_bytes(eager_peak)}). lossy=True options would "
-            f"lower it to about {format_bytes(lossy_min)} (bf16 saved tensors); converting convolutions to "
-            "depthwise-separable ones (convmem.to_depthwise_separable_) cuts parameters, not activations.",
-            best_bytes, lossy_min,
-        )
-
     names = [it.name for it in costs.items]
     structure = structure_of(model, names, costs.chain)
+    here = length is None or length == costs.length  # the plan is for the example: apply and check it
+    measuring = here and measure is not False and _on_cuda(model, inputs)
 
     def make(solution) -> Plan:
         return Plan(
@@ -173,60 +183,65 @@ def optimize_(
             eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
         )
 
-    def estimated(plan: Plan) -> int:
-        """Apply `plan` and estimate the optimized step; the model keeps the plan."""
+    def judged(plan: Plan) -> int:
+        """Apply `plan`; its peak by the estimate of the optimized step (and, on a GPU, as measured).
+        The model keeps the plan (NOTE [Sound within its own estimate])."""
         apply_(model, plan)
         try:
             plan.estimated_peak_bytes = estimate_step(model, to_meta(tuple(inputs)), loss_fn,
                                                       autocast_dtype=autocast).peak_bytes
+            if measuring:
+                _measure(model, inputs, loss_fn, autocast, plan, say)
         except Exception:
             restore_(model)
             raise
-        return plan.estimated_peak_bytes
+        return max(plan.estimated_peak_bytes, plan.measured_peak_bytes or 0)
 
-    def infeasible() -> InfeasibleBudget:
-        # The least-peak plan by the cost model, checked by the estimate (NOTE [Sound within its own
-        # estimate]); with fewer options too, since the model's least may not be the estimate's.
-        smallest = None
-        subsets = {config.allow, tuple(a for a in config.allow if a != "offload"),
-                   tuple(a for a in config.allow if a not in ("offload", "tile"))}
-        for subset in subsets:
-            floor = min_peak(costs.problem(subset, plan_length))
-            peak = floor.peak
-            if length is None or length == costs.length:
-                peak = max(peak, estimated(make(floor)))
-                restore_(model)
-            smallest = peak if smallest is None else min(smallest, peak)
-        lossy_min = _lossy_min(costs, config.allow, plan_length)
-        return InfeasibleBudget(
-            f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + config.allow)} fits "
-            f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these "
-            f"options is {format_bytes(smallest)} (untouched: {format_bytes(eager_peak)}). lossy=True options "
-            f"would lower it to about {format_bytes(lossy_min)} (bf16 saved tensors); converting convolutions "
-            "to depthwise-separable ones (convmem.to_depthwise_separable_) cuts parameters, not activations.",
-            smallest, lossy_min,
-        )
-
-    measuring = measure is not False and _on_cuda(model, inputs)
     solver_budget = target
     for _ in range(_ROUNDS):
         solution = solve(problem, solver_budget)
         if solution is None:
-            raise infeasible()
+            break
         plan = make(solution)
-        if length is not None and length != costs.length:
+        if not here:
             return plan  # for another length: nothing to apply or estimate here
-        say(f"applying: {', '.join(sorted({s.label for s in plan.segments}))}; estimating the optimized step")
-        peak = estimated(plan)
-        if measuring:
-            _measure(model, inputs, loss_fn, plan, say)
-            peak = max(peak, plan.measured_peak_bytes or 0)
+        say(f"applying: {', '.join(sorted({s.label for s in plan.segments}))}; checking the optimized step")
+        peak = judged(plan)
         if peak <= target:
             return plan
         restore_(model)
-        say(f"{'measured' if measuring else 'estimated'} peak {format_bytes(peak)} is over the budget; solving again")
+        say(f"peak {format_bytes(peak)} is over the budget; solving again")
         solver_budget -= peak - target + target // 200
-    raise infeasible()
+
+    # The least-peak plans, judged the same way: the cost model may overstate what a plan holds,
+    # and the smallest budget it names must be one this function then accepts.
+    smallest, best = None, None
+    subsets = sorted({config.allow, tuple(a for a in config.allow if a != "offload"),
+                      tuple(a for a in config.allow if a not in ("offload", "tile"))})
+    for subset in subsets:
+        floor = min_peak(costs.problem(subset, plan_length))
+        if floor is None:
+            continue
+        plan = make(floor)
+        peak = floor.peak
+        if here:
+            say(f"checking the least-peak plan with {', '.join(('keep',) + subset)}")
+            peak = judged(plan)
+            if peak <= target:
+                return plan
+            restore_(model)
+        if smallest is None or peak < smallest:
+            smallest, best = peak, plan
+    lossy_min = _lossy_min(costs, config.allow, plan_length)
+    raise InfeasibleBudget(
+        f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + config.allow)} fits "
+        f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these "
+        f"options is {format_bytes(smallest)} (untouched: {format_bytes(eager_peak)}). Keeping saved "
+        f"activations in bfloat16 (lossy, not planned by optimize_ yet) would lower it to about "
+        f"{format_bytes(lossy_min)}; converting convolutions to depthwise-separable ones "
+        "(convmem.to_depthwise_separable_, lossy) cuts parameters and FLOPs, not activation memory.",
+        smallest, lossy_min, costs=costs, plan=best,
+    )
 
 
 def _lossy_min(costs: ChainCosts, allow, length: int) -> int:
@@ -249,15 +264,15 @@ def _on_cuda(model: nn.Module, inputs) -> bool:
     return bool(tensors) and tensors[0].device.type == "cuda"
 
 
-def _measure(model: nn.Module, inputs, loss_fn, plan: Plan, say) -> None:
+def _measure(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, say) -> None:
     from ..profile.measure import measure_step
     from ..plan.timing import step_seconds
 
     say("measuring the optimized step")
     device = next(model.parameters()).device
-    measured = measure_step(model, inputs, loss_fn, None, None, device, backward_times=False)
+    measured = measure_step(model, inputs, loss_fn, None, autocast, device, backward_times=False)
     plan.measured_peak_bytes = measured.peak_bytes
-    plan.measured_step_s = step_seconds(model, inputs, loss_fn)
+    plan.measured_step_s = step_seconds(model, inputs, loss_fn, autocast=autocast)
 
 
 def _progress(progress) -> Callable[[str], None]:
