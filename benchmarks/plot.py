@@ -12,12 +12,12 @@ from collections import defaultdict
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def read(name: str):
+def read(name: str, statuses=("ok",)):
     path = os.path.join(RESULTS, f"{name}.csv")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+        rows = [r for r in csv.DictReader(f) if r["status"] in statuses]
     # The newest row of each (model, strategy) wins: re-runs replace older measurements.
     latest = {}
     for r in rows:
@@ -141,7 +141,7 @@ def main() -> int:
     all_rows = anchors + read("compile") + read("strategies")
     if all_rows:
         written.append(plot_pareto(all_rows, plt))
-    plans = read("optimize")
+    plans = read("optimize", statuses=("ok", "over"))  # "over": measured, above its budget (compiled)
     if plans:
         written += plot_optimize_pareto(anchors + read("compile"), plans, plt)
     print("\n".join(written))

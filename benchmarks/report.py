@@ -64,29 +64,59 @@ def tiling_table() -> str:
     return "\n".join(lines) + (f"\n\n({read('tiling')[0]['device']}, commit {read('tiling')[0]['commit']})" if read("tiling") else "")
 
 
+def _plan_text(note: str) -> str:
+    """'checkpointx1+checkpointx1+keepx1' -> 'checkpoint x2, keep': runs of one option grouped."""
+    tokens = note.split("; ")[-1].split("+")
+    groups = []
+    for token in tokens:
+        label, _, count = token.rpartition("x")
+        label = label if count.isdigit() else token
+        blocks = int(count) if count.isdigit() else 1
+        single = blocks == 1
+        key = (label, single)
+        if groups and groups[-1][0] == key:
+            groups[-1][1] += 1
+        else:
+            groups.append([key, 1])
+    parts = []
+    for (label, single), n in groups:
+        parts.append(f"{label} x{n}" if single and n > 1 else label if single else f"{label} ({n} runs)" if n > 1 else f"{label} (run)")
+    return ", ".join(parts)
+
+
 def optimize_table() -> str:
     """Must-show 1: each budget's plan, measured, beside the eager peak of the same run."""
     rows = [r for r in _all_rows("optimize")]
     eager = {r["model"]: r for r in rows if r["strategy"] == "eager_fp32"}
-    lines = ["| model | budget | status | measured peak GiB | budget GiB | vs eager | step ms | vs eager | estimate GiB | plan |",
+    lines = ["| model | budget (of eager) | status | measured peak GiB | budget GiB | vs eager | step ms | vs eager | estimate GiB | plan (blocks in order) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        if not r["strategy"].startswith("convmem_plan"):
-            continue
+
+    def order(r):
+        share = r["strategy"].replace("convmem_plan_", "").replace("_compiled", "")
+        return (r["model"], r["strategy"].endswith("_compiled"), -float(share))
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    plans = sorted((r for r in rows if r["strategy"].startswith("convmem_plan")),
+                   key=lambda r: (models.index(r["model"]),) + order(r)[1:])
+    for r in plans:
         e = eager.get(r["model"])
-        share = r["strategy"].replace("convmem_plan_", "")
+        share = r["strategy"].replace("convmem_plan_", "").replace("_compiled", " + torch.compile")
         note = r.get("note") or ""
         budget = re.search(r"budget (\d+) B", note)
         budget_gib = gib(budget.group(1)) if budget else "-"
-        ok = r["status"] == "ok"
-        mem = f"{int(r['peak_bytes']) / int(e['peak_bytes']):.2f}x" if ok and e else "-"
-        time = f"{float(r['step_ms']) / float(e['step_ms']):.2f}x" if ok and e else "-"
-        plan = note.split("; ")[-1] if ok else note
-        lines.append(f"| {r['model']} | {share} | {r['status']} | {gib(r.get('peak_bytes')) if ok else '-'} | {budget_gib} | {mem} | "
-                     f"{float(r['step_ms']):.1f} | {time} | {gib(r.get('estimate_bytes'))} | {plan} |"
-                     if ok else f"| {r['model']} | {share} | {r['status']} | - | {budget_gib} | - | - | - | - | {plan} |")
+        if r["status"] in ("ok", "over"):
+            mem = f"{int(r['peak_bytes']) / int(e['peak_bytes']):.2f}x" if e else "-"
+            time = f"{float(r['step_ms']) / float(e['step_ms']):.2f}x" if e else "-"
+            lines.append(f"| {r['model']} | {share} | {r['status']} | {gib(r['peak_bytes'])} | {budget_gib} | {mem} | "
+                         f"{float(r['step_ms']):.1f} | {time} | {gib(r.get('estimate_bytes'))} | {_plan_text(note)} |")
+        else:
+            smallest = re.search(r"smallest feasible (\d+) B", note)
+            text = (f"smallest feasible {gib(smallest.group(1))} GiB "
+                    f"({int(smallest.group(1)) / int(e['peak_bytes']):.1%} of eager)") if smallest and e else note
+            lines.append(f"| {r['model']} | {share} | {r['status']} | - | {budget_gib} | - | - | - | - | {text} |")
     first = rows[0] if rows else {}
-    return "\n".join(lines) + f"\n\n({first.get('device', '?')}, torch {first.get('torch', '?')}, commit {first.get('commit', '?')})"
+    return "\n".join(lines) + (f"\n\n({first.get('device', '?')}, torch {first.get('torch', '?')}, commit "
+                               f"{first.get('commit', '?')}; eager peaks and times from the same run.)")
 
 
 def _all_rows(name: str):
@@ -106,7 +136,7 @@ def _all_rows(name: str):
 def dominance_table() -> str:
     """Must-show 2: for each anchor, the least memory of a convmem plan at no more step time."""
     anchors = read("anchors") + read("compile")
-    plans = [r for r in read("optimize") if r["strategy"].startswith("convmem_plan")]
+    plans = [r for r in read("optimize", statuses=("ok", "over")) if r["strategy"].startswith("convmem_plan")]
     lines = ["| model | anchor | anchor GiB | anchor ms | best convmem plan at <= that time | GiB | ms | dominated |",
              "|---|---|---:|---:|---|---:|---:|---|"]
     total = met = 0

@@ -1,12 +1,16 @@
 """The command line: reports for zoo and user models, one clear line for every user mistake."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 
 import pytest
 import torch
 
-from convmem.cli import main
+import convmem
+from convmem.cli import main, parse_budget_arg
 
 
 def run(capsys, *argv):
@@ -69,3 +73,85 @@ def test_env(capsys):
     code, out, _ = run(capsys, "env", "--json")
     info = json.loads(out)
     assert code == 0 and info["torch"] == torch.__version__ and "triton" in info
+
+
+# ------------------------------------------------------------------------------------ optimize
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """One `convmem optimize` run on the meta device with every output: (code, stdout, stderr, folder)."""
+    folder = tmp_path_factory.mktemp("optimize")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["optimize", "zoo:tcn", "--budget", "25%", "--device", "meta", "--json", "--no-verify",
+                     "--save", str(folder / "plan.json"), "--plot", str(folder / "plan.png")])
+    return code, out.getvalue(), err.getvalue(), folder
+
+
+def test_optimize_json(planned):
+    code, out, err, _ = planned
+    assert code == 0, err
+    data = json.loads(out)  # stdout holds the JSON and nothing else
+    assert data["segments"] and data["items"][0] == "blocks.0"
+    assert data["estimated_peak_bytes"] <= data["budget_bytes"] == int(0.25 * data["eager_peak_bytes"])
+    assert "[convmem optimize_]" in err  # progress goes to stderr
+
+
+def test_optimize_save_round_trips_and_applies(planned):
+    _, out, _, folder = planned
+    plan = convmem.Plan.from_json((folder / "plan.json").read_text())
+    assert plan.to_dict() == json.loads(out)
+    model = convmem.zoo.get("tcn", "small", device="meta").model
+    convmem.apply_(model, plan)
+    assert any(isinstance(m, convmem.nn.Tiled) for m in model.modules()) == any(
+        s.option == "tile" for s in plan.segments)
+
+
+def test_optimize_plot(planned):
+    folder = planned[3]
+    assert (folder / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optimize_explains_and_verifies(capsys):
+    code, out, err = run(capsys, "optimize", "zoo:tcn", "--budget", "0.5", "--allow", "checkpoint", "--device", "meta")
+    assert code == 0, err
+    assert out.startswith("convmem plan for TCN") and "checkpoint" in out
+    assert "exact: output, every gradient and buffer of zoo:tcn" in out and "max relative error" in out
+
+
+def test_optimize_infeasible_budget(capsys):
+    code, out, err = run(capsys, "optimize", "zoo:tcn", "--budget", "64MiB", "--allow", "checkpoint", "--device", "meta")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "smallest feasible budget with these options is" in err
+    smallest = re.search(r"try --budget (\d+)MiB", err)
+    assert smallest and int(smallest.group(1)) * 2**20 > 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["zoo:nope", "--budget", "2GiB"], "unknown zoo model 'nope'; choose one of: tcn, wavenet"),
+        (["zoo:tcn", "--budget", "lots"], "--budget 'lots': cannot parse the budget 'lots'"),
+        (["zoo:tcn", "--budget", "120%"], "a budget in percent must be in (0, 100]"),
+        (["zoo:tcn", "--budget", "0"], "--budget '0': the budget must be positive"),
+        (["zoo:tcn", "--budget", "2GiB", "--allow", "tile,magic"], "unknown option(s) ['magic'] in allow"),
+        (["zoo:tcn", "--budget", "2GiB", "--device", "tpu"], "--device 'tpu': choose cpu or cuda or meta"),
+        (["zoo:tcn", "--budget", "2GiB", "--save", "/no/such/folder/plan.json"], "no such folder: /no/such/folder"),
+        (["zoo:tcn", "--budget", "2GiB", "--length", "0"], "length must be a positive int"),
+    ],
+)
+def test_optimize_usage_errors(capsys, argv, message):
+    code, _, err = run(capsys, "optimize", *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_optimize_needs_a_budget(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize", "zoo:tcn"])
+    assert exit_info.value.code == 2 and "--budget" in capsys.readouterr().err
+
+
+def test_budget_argument_forms():
+    assert parse_budget_arg("0.25") == 0.25 and parse_budget_arg("25%") == "25%"
+    assert parse_budget_arg("2GiB") == "2GiB" and parse_budget_arg("4096") == "4096"

@@ -3,6 +3,9 @@ from ._wrapper import ModuleWrapper, restore_, unwrap
 from .checkpointed import Checkpointed
 from .depthwise_separable import DepthwiseSeparableConv1d
 from .downsample import DownsampleConv1d
+from .fused_depthwise import FusedActivation, FusedDepthwiseConv1d
+from .offloaded import OffloadGroup, Offloaded
 from .tiled import Tiled
 
-__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "DepthwiseSeparableConv1d", "DownsampleConv1d", "restore_", "unwrap"]
+__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d",
+           "FusedActivation", "restore_", "unwrap"]

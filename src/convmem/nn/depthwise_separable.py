@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _single
 
+from .fused_depthwise import FusedDepthwiseConv1d
+
 __all__ = ["DepthwiseSeparableConv1d"]
 
 _Padding = Union[int, str]
@@ -64,6 +66,10 @@ class DepthwiseSeparableConv1d(nn.Module):
     Use `from_conv1d` to convert a trained ``nn.Conv1d``; the reference for either way of building
     it is ``F.conv1d`` with `dense_weight`, the dense weight the module computes.
 
+    ``fused=True`` makes ``depthwise`` a `FusedDepthwiseConv1d` (the Triton kernel, keeping only its
+    input for backward) around the same ``nn.Conv1d``: same parameters, same ``state_dict`` keys,
+    same numbers up to rounding. It needs ``padding_mode="zeros"``.
+
     Example::
 
         >>> conv = nn.Conv1d(64, 128, 15, padding=7)
@@ -85,8 +91,11 @@ class DepthwiseSeparableConv1d(nn.Module):
         padding_mode: str = "zeros",
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
+        fused: bool = False,
     ) -> None:
         super().__init__()
+        if fused and padding_mode != "zeros":
+            raise ValueError(f"fused=True needs padding_mode='zeros' (the fused kernel pads with zeros), got {padding_mode!r}")
         depth_multiplier = _positive_int(depth_multiplier, "depth_multiplier")
         in_channels = _positive_int(in_channels, "in_channels")
         if padding == "same" and any(s != 1 for s in _single(stride)):
@@ -100,6 +109,9 @@ class DepthwiseSeparableConv1d(nn.Module):
             in_channels, in_channels * depth_multiplier, kernel_size, stride, padding, dilation,
             groups=in_channels, bias=False, padding_mode=padding_mode, device=device, dtype=dtype,
         )
+        if fused:
+            # Same parameters and state_dict keys ("depthwise.weight"): the wrapper keeps them.
+            self.depthwise = FusedDepthwiseConv1d.from_conv1d(self.depthwise)
         self.pointwise = nn.Conv1d(
             in_channels * depth_multiplier, out_channels, 1, bias=bias, device=device, dtype=dtype
         )
@@ -147,12 +159,13 @@ class DepthwiseSeparableConv1d(nn.Module):
         return torch.einsum("ocj,cjt->oct", pointwise, depthwise)
 
     @classmethod
-    def from_conv1d(cls, conv: nn.Conv1d, rank: Optional[int] = None) -> "DepthwiseSeparableConv1d":
+    def from_conv1d(cls, conv: nn.Conv1d, rank: Optional[int] = None, fused: bool = False) -> "DepthwiseSeparableConv1d":
         """Convert a trained ``nn.Conv1d`` (groups=1) by a rank-`rank` SVD of each input channel's filters.
 
         See NOTE [Per-channel SVD]. ``rank=None`` or ``rank >= min(out_channels, kernel_size)`` is
         exact (up to rounding); smaller ranks give the best least-squares approximation of the
-        weight, and the module's ``depth_multiplier`` is the rank used. The result has the conv's
+        weight, and the module's ``depth_multiplier`` is the rank used. ``fused=True`` runs the
+        depthwise half by the fused Triton kernel (`FusedDepthwiseConv1d`; zero padding only). The result has the conv's
         device, dtype, ``requires_grad`` and train/eval mode; the conv is not modified.
 
         Warning: below full rank the outputs change; measure the error (``convmem.to_depthwise_separable_``
@@ -192,7 +205,7 @@ class DepthwiseSeparableConv1d(nn.Module):
             module = cls(
                 in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 bias=conv.bias is not None, depth_multiplier=r, padding_mode=conv.padding_mode,
-                device=weight.device, dtype=weight.dtype,
+                device=weight.device, dtype=weight.dtype, fused=fused,
             )
             module.depthwise.weight.copy_(depthwise.reshape(in_channels * r, 1, kernel_size))
             module.pointwise.weight.copy_(pointwise.permute(1, 0, 2).reshape(out_channels, in_channels * r, 1))

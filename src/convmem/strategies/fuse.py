@@ -1,0 +1,176 @@
+"""Fused depthwise convolutions (exact): ``convmem.fuse_(model)``.
+
+Swaps every depthwise ``nn.Conv1d`` the fused Triton kernel can run for a
+`convmem.nn.FusedDepthwiseConv1d` wrapping it, and folds a ReLU, GELU or SiLU that follows the
+conv in an ``nn.Sequential`` into the kernel. A training step then keeps only each conv's input
+and weights (NOTE [What the fused depthwise conv keeps]); outputs and gradients are those of the
+untouched model up to floating-point reassociation, and ``state_dict()`` keys are unchanged.
+``convmem.restore_(model)`` undoes it.
+
+# NOTE [Which convs are fused]
+# `filter_fn(module, fqn)` is asked about every nn.Conv1d (default: all). Of those chosen:
+# * fused: groups == in_channels, out_channels / in_channels <= max_depth_multiplier (default 1:
+#   one filter per channel), padding_mode 'zeros', the plain Conv1d forward, no forward hooks
+#   (the kernel would bypass them) and a floating dtype;
+# * left alone silently under the default filter: convs that are not depthwise (groups !=
+#   in_channels), and single-input-channel convs with several outputs (a dense conv of a mono
+#   signal, not a depthwise layer); with a filter_fn that chose them, with a warning;
+# * left alone with a warning, always: depthwise convs that fail another condition.
+# Convs already inside a FusedDepthwiseConv1d are skipped; convs inside other convmem wrappers
+# (Checkpointed, Tiled) are fused in place, which those wrappers run as any other module.
+#
+# NOTE [Which activations are fused]
+# The activation must be the conv's only consumer, which convmem can know only from structure: the
+# conv and the next module are items of one nn.Sequential that runs Sequential's own forward, each
+# registered once in the model (a shared module may be called elsewhere), and the next module is
+# exactly nn.ReLU, nn.SiLU or nn.GELU(approximate='none') without hooks. Activations called from a
+# custom forward (conformer's BatchNorm then SiLU, Conv-TasNet's PReLU) are left as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..kernels.depthwise import kernels_usable, triton_available
+from ..nn.fused_depthwise import FusedActivation, FusedDepthwiseConv1d, activation_name, fusable_reason
+from ._common import (
+    ConfigDict,
+    FilterFn,
+    check_filter_fn,
+    check_model,
+    module_aliases,
+    swap_modules,
+    warn_nothing_selected,
+    warn_skipped,
+)
+
+__all__ = ["FuseConfig", "fuse_"]
+
+_STRATEGY = "fuse_"
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseConfig(ConfigDict):
+    """``activations``: fold a following ReLU/GELU/SiLU into the kernel (NOTE [Which activations are
+    fused]); ``max_depth_multiplier``: the most filters per input channel a fused conv may have."""
+
+    activations: bool = True
+    max_depth_multiplier: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.activations, bool):
+            raise TypeError(f"{_STRATEGY}: activations must be a bool, got {self.activations!r}")
+        m = self.max_depth_multiplier
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"{_STRATEGY}: max_depth_multiplier must be a positive integer, got {m!r}")
+
+
+def _is_depthwise_layer(conv: nn.Conv1d) -> bool:
+    return conv.groups == conv.in_channels and (conv.in_channels > 1 or conv.out_channels == 1)
+
+
+def _following_activation(model: nn.Module, name: str, aliases: Dict[int, list]) -> Optional[str]:
+    """The name of the activation to fold into the conv `name`, or None (NOTE [Which activations are fused])."""
+    conv = model.get_submodule(name)
+    if len(aliases[id(conv)]) != 1:
+        return None
+    parent_name, _, key = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+        return None
+    keys = list(parent._modules)
+    index = keys.index(key)
+    if index + 1 >= len(keys):
+        return None
+    act = parent._modules[keys[index + 1]]
+    if act is None or activation_name(act) is None or len(aliases[id(act)]) != 1:
+        return None
+    if act._forward_hooks or act._forward_pre_hooks:
+        return None
+    return f"{parent_name}.{keys[index + 1]}" if parent_name else keys[index + 1]
+
+
+def fuse_(
+    model: nn.Module,
+    filter_fn: Optional[FilterFn] = None,
+    activations: bool = True,
+    max_depth_multiplier: int = 1,
+) -> nn.Module:
+    """Run the depthwise convs of `model` (and a following activation) by fused kernels, in place; returns `model`.
+
+    Args:
+        model: any ``nn.Module``; its depthwise ``nn.Conv1d`` take ``x: (batch, channels, length)``.
+        filter_fn: ``filter_fn(conv, fqn) -> bool`` chooses among the ``nn.Conv1d`` modules; default
+            all (NOTE [Which convs are fused]).
+        activations: also fold a ReLU, GELU (exact) or SiLU that follows a fused conv in an
+            ``nn.Sequential`` into its kernel (NOTE [Which activations are fused]).
+        max_depth_multiplier: fuse convs with up to this many filters per input channel.
+
+    Exact: outputs, gradients and buffers agree with the untouched model up to rounding, and
+    ``state_dict()`` keys and values are unchanged. ``convmem.restore_(model)`` undoes it.
+    Without Triton or a GPU the fused modules run the PyTorch reference (same numbers, nothing
+    saved), and this warns. Depthwise convs that cannot be fused are left untouched with a warning.
+
+    Example::
+
+        >>> model = convmem.zoo.get("conformer_conv", size="default", device="cuda").model
+        >>> convmem.fuse_(model)              # 16 depthwise k=31 convs -> FusedDepthwiseConv1d
+        >>> model = convmem.restore_(model)   # the original convs again
+    """
+    check_model(model, _STRATEGY)
+    check_filter_fn(filter_fn, _STRATEGY)
+    config = FuseConfig(activations=activations, max_depth_multiplier=max_depth_multiplier)
+
+    chosen: Dict[str, nn.Conv1d] = {}
+    skipped: Dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv1d):
+            continue
+        parent_name = name.rpartition(".")[0]
+        if name.endswith("wrapped") and isinstance(model.get_submodule(parent_name), FusedDepthwiseConv1d):
+            continue  # fused already
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        if not name:
+            raise ValueError(f"{_STRATEGY}: the model itself is a {type(module).__name__} and cannot be replaced in "
+                             "place; use convmem.nn.FusedDepthwiseConv1d.from_conv1d(conv)")
+        reason = fusable_reason(module, config.max_depth_multiplier)
+        if reason is None:
+            chosen[name] = module
+        elif filter_fn is not None or _is_depthwise_layer(module):
+            skipped[name] = reason
+    warn_skipped(_STRATEGY, skipped)
+    if not chosen:
+        detail = f" ({len(skipped)} depthwise Conv1d could not be fused)" if skipped else ""
+        warn_nothing_selected(model, _STRATEGY, filter_fn is not None, detail)
+        return model
+    _warn_if_reference_only(model)
+
+    aliases = module_aliases(model)
+    replacements: Dict[str, nn.Module] = {}
+    for name, conv in chosen.items():
+        act_name = _following_activation(model, name, aliases) if config.activations else None
+        act = model.get_submodule(act_name) if act_name else None
+        replacements[name] = FusedDepthwiseConv1d.from_conv1d(conv, activation_name(act) if act is not None else None)
+        if act is not None:
+            replacements[act_name] = FusedActivation(act)
+    swap_modules(model, replacements)
+    return model
+
+
+def _warn_if_reference_only(model: nn.Module) -> None:
+    if not triton_available():
+        why = "Triton is not installed (pip install triton)"
+    elif torch.cuda.is_available() or kernels_usable("cpu"):
+        return  # kernels_usable("cpu"): Triton's interpreter (tests)
+    else:
+        why = "no CUDA device is available"
+    warnings.warn(
+        f"{_STRATEGY}: {why}: the fused convs of {type(model).__name__} will run the plain-PyTorch reference "
+        "(same numbers, no memory saved) until they run on a GPU with Triton",
+        stacklevel=3,
+    )
