@@ -156,18 +156,11 @@ def parse_budget_arg(text: str):
     untouched peak (``"0.25"``), a larger one as bytes; checked before any work starts."""
     from .strategies.optimize import parse_budget
 
-    budget: object = text
     try:
-        number = float(text)
-    except ValueError:
-        pass
-    else:
-        budget = number if 0 < number <= 1 else text
-    try:
-        parse_budget(budget, 2**40)
+        parse_budget(text, 2**40)  # reads bare numbers as parse_budget does: up to 1 a fraction
     except (TypeError, ValueError) as error:
         raise UsageError(f"--budget {text!r}: {str(error).replace('optimize_: ', '')}") from None
-    return budget
+    return text
 
 
 def _stderr(text: str) -> None:
