@@ -157,10 +157,10 @@ def run(
     return rows
 
 
-def _append(path: str, row: dict) -> None:
+def _append(path: str, row: dict, fields: List[str] = FIELDS) -> None:
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)

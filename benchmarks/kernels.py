@@ -26,7 +26,6 @@ Sections (rows in DIR/kernels.csv, one table line printed per measurement):
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
 import statistics
@@ -273,13 +272,7 @@ def zoo_rows(base, repeats: int, out_csv: str):
 
 
 def _append(path: str, row: dict) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
+    harness._append(path, row, FIELDS)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

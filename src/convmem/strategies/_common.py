@@ -73,6 +73,34 @@ def module_aliases(model: nn.Module) -> Dict[int, List[str]]:
     return names
 
 
+def wrappable(model: nn.Module, names: List[str], wrapper: type, done: str,
+              inside: str) -> Tuple[List[str], Dict[str, str]]:
+    """Split `names` into those a strategy can wrap in `wrapper` and {name: why not} (DESIGN.md,
+    invariant 5): not the root (it cannot be replaced in place), not a module already wrapped in
+    `wrapper` (`done` says so), not a module inside another convmem wrapper (`inside` says what to
+    do instead; the wrapper itself can be wrapped)."""
+    from ..nn._wrapper import ModuleWrapper
+
+    keep, skipped = [], {}
+    for name in names:
+        if not name:
+            skipped["<root>"] = (
+                f"the root {type(model).__name__} cannot be replaced in place; wrap it instead: "
+                f"model = convmem.nn.{wrapper.__name__}(model)"
+            )
+            continue
+        parts = name.split(".")
+        ancestors = [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+        outer = next((m for m in ancestors if isinstance(m, ModuleWrapper)), None)
+        if isinstance(model.get_submodule(name), wrapper):
+            skipped[name] = f"{done} (convmem.restore_ undoes it)"
+        elif outer is not None:
+            skipped[name] = f"inside a convmem {type(outer).__name__}{inside}"
+        else:
+            keep.append(name)
+    return keep, skipped
+
+
 def swap_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> Callable[[], None]:
     """Put each replacement in place of ``model.get_submodule(name)``, under all that module's names.
 

@@ -39,12 +39,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..nn._wrapper import ModuleWrapper
 from ..nn.checkpointed import POLICIES, Checkpointed, resolve_policy
 from ..profile.estimate import estimate_step
 from ..profile.recorder import ModuleCall
 from ._blocks import find_blocks, find_chain, is_plain_sequential
-from ._common import ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped
+from ._common import (
+    ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped, wrappable,
+)
 
 __all__ = ["CheckpointConfig", "checkpoint_", "plan_segments"]
 
@@ -193,27 +194,9 @@ def _select(
 
 
 def _checkpointable(model: nn.Module, names: List[str]) -> Tuple[List[str], Dict[str, str]]:
-    """Split `names` into those that can be wrapped and {name: why not} (DESIGN.md, invariant 5)."""
-    keep, skipped = [], {}
-    for name in names:
-        if not name:
-            skipped["<root>"] = (
-                f"the root {type(model).__name__} cannot be replaced in place; wrap it instead: "
-                "model = convmem.nn.Checkpointed(model)"
-            )
-            continue
-        parts = name.split(".")
-        ancestors = [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-        wrapper = next((m for m in ancestors if isinstance(m, ModuleWrapper)), None)
-        if isinstance(model.get_submodule(name), Checkpointed):
-            skipped[name] = "already checkpointed (convmem.restore_ undoes it)"
-        elif wrapper is not None:
-            # Another wrapper (Tiled) runs what it wraps its own way; the wrapper itself can be
-            # checkpointed, what is inside it is left alone.
-            skipped[name] = f"inside a convmem {type(wrapper).__name__}; checkpoint the wrapper instead"
-        else:
-            keep.append(name)
-    return keep, skipped
+    # Another wrapper (Tiled) runs what it wraps its own way; the wrapper itself can be
+    # checkpointed, what is inside it is left alone.
+    return wrappable(model, names, Checkpointed, "already checkpointed", "; checkpoint the wrapper instead")
 
 
 def _plan_chains(model: nn.Module, names: List[str], inputs: Tuple[Any, ...]) -> Dict[str, Tuple[int, ...]]:

@@ -18,10 +18,9 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
-from ..nn._wrapper import ModuleWrapper
 from ..nn.offloaded import DEFAULT_MIN_BYTES, OffloadGroup, Offloaded, check_min_bytes, check_prefetch
 from ._blocks import find_blocks
-from ._common import ConfigDict, FilterFn, check_filter_fn, check_model, swap_modules, warn_skipped
+from ._common import ConfigDict, FilterFn, check_filter_fn, check_model, swap_modules, warn_skipped, wrappable
 
 __all__ = ["OffloadConfig", "offload_"]
 
@@ -122,25 +121,7 @@ def _select(model: nn.Module, filter_fn: Optional[FilterFn]) -> Optional[List[st
 
 
 def _offloadable(model: nn.Module, names: List[str]) -> Tuple[List[str], Dict[str, str]]:
-    """Split `names` into those that can be wrapped and {name: why not} (DESIGN.md, invariant 5)."""
-    keep, skipped = [], {}
-    for name in names:
-        if not name:
-            skipped["<root>"] = (
-                f"the root {type(model).__name__} cannot be replaced in place; wrap it instead: "
-                "model = convmem.nn.Offloaded(model)"
-            )
-            continue
-        module = model.get_submodule(name)
-        parts = name.split(".")
-        ancestors = [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-        wrapper = next((m for m in ancestors if isinstance(m, ModuleWrapper)), None)
-        if isinstance(module, Offloaded):
-            skipped[name] = "already offloaded (convmem.restore_ undoes it)"
-        elif wrapper is not None:
-            # Inside a Checkpointed or Tiled module nothing is kept to offload; the wrapper itself
-            # can be offloaded (its inputs): NOTE [Offload and other saved-tensor hooks].
-            skipped[name] = f"inside a convmem {type(wrapper).__name__}, which keeps nothing there; offload the wrapper instead"
-        else:
-            keep.append(name)
-    return keep, skipped
+    # Inside a Checkpointed or Tiled module nothing is kept to offload; the wrapper itself can be
+    # offloaded (its inputs): NOTE [Offload and other saved-tensor hooks].
+    return wrappable(model, names, Offloaded, "already offloaded",
+                     ", which keeps nothing there; offload the wrapper instead")
