@@ -37,7 +37,7 @@ from ..profile.recorder import ModuleCall
 from ..profile.step import LossFn
 from ..strategies._blocks import find_blocks, find_chain, is_plain_sequential
 from ..strategies._common import swap_modules
-from .solver import ChainProblem, Choice
+from .solver import ChainProblem, Choice, peak_of
 
 __all__ = ["ItemCost", "ChainCosts", "chain_costs", "OPTIONS"]
 
@@ -194,7 +194,6 @@ def _fit_gradients(items: List[ItemCost], chain: Optional[str], base: int, forwa
         if prefix + c.working > worst:
             worst, where = prefix + c.working, c.start
         prefix += c.kept
-    from .solver import peak_of
     predicted = peak_of(problem, singles)
     if where is None or problem.base + worst < predicted:
         return  # the forward sets that peak, not a block's backward
@@ -324,9 +323,8 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
         dtype = next((p.dtype for p in model.parameters()), torch.float32)
         _tile_options(model, meta_inputs, loss_fn, autocast, items, chain, chain_tiles, shapes, dtype, say)
 
-    base_probe = ChainCosts(type(model).__name__, chain, items, 0, 0, 0, plain.peak_bytes, length, "modelled")
-    keep_only = base_probe.problem(())
-    from .solver import peak_of
+    # base: the untouched estimate's peak, less what the chain model says all-keep holds.
+    keep_only = ChainCosts(type(model).__name__, chain, items, 0, 0, 0, plain.peak_bytes, length, "modelled").problem(())
     all_keep = [c for c in keep_only.choices if c.option == "keep"]
     forward_peak = _forward_peak(plain)
     base = plain.peak_bytes - peak_of(keep_only, all_keep)
@@ -450,9 +448,10 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
         finally:
             undo()
 
-    eager = timed("the untouched step", {})
-    costs.eager_step_s = eager
     _roofline_times(costs, allow)  # fallbacks for anything that cannot be timed
+    eager = timed("the untouched step", {})
+    if eager is None:
+        return  # the roofline stands in
     costs.eager_step_s = eager
     for it, w in zip(costs.items, weights):
         it.forward_s = eager * w / total_w / 3
@@ -475,7 +474,6 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
         charge("offload", timed("offload", {n: Offloaded(model.get_submodule(n), group=group) for n in names}),
                costs.items)
     if "tile" in allow:
-        lengths = sorted({t for it in costs.items for t in it.tile_lengths})
         for rank in range(len(_TILE_FRACTIONS)):
             group = [it for it in costs.items if len(it.tile_lengths) > rank]
             if not group:
@@ -486,7 +484,6 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
                 share = sum(_touched(it) for it in group) or 1
                 for it in group:
                     it.extra_s[f"tile:{it.tile_lengths[rank]}"] = max(0.0, (t - eager) * _touched(it) / share)
-        del lengths
         for tile in costs.chain_tiles:
             t = timed(f"the chain tiled at {tile[0]}" + (f", batch chunks of {tile[1]}" if tile[1] else ""),
                       {costs.chain: Tiled(model.get_submodule(costs.chain), tile[0], batch_chunk=tile[1])})
