@@ -85,19 +85,19 @@ class Plan:
     def explain(self) -> str:
         """Per block: the choice, kept bytes before and after, predicted extra time; then the peaks."""
         lines = [f"convmem plan for {self.model} (input length {self.length}, budget {format_bytes(self.budget_bytes)})"]
-        width = max([len(n) for n in self.items] + [5])
-        lines.append(f"  {'block':<{width}}  {'choice':<14} {'kept before':>12} {'kept after':>12} {'extra time':>11}")
         by_item = {it.name: it for it in (self.costs.items if self.costs else [])}
         scale = self.costs.scale(self.length) if self.costs else 1.0
+        rows = []
         for seg in self.segments:
             names = self.items[seg.start:seg.stop]
             before = sum(by_item[n].kept_keep for n in names if n in by_item) * scale if by_item else None
             label = seg.label if len(names) == 1 else f"{seg.label} ({len(names)} blocks)"
             first = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
-            lines.append(
-                f"  {first:<{width}}  {label:<14} {format_bytes(before):>12} {format_bytes(seg.kept_bytes):>12} "
-                f"{seg.extra_s * 1e3:>9.2f}ms"
-            )
+            rows.append((first, label, format_bytes(before), format_bytes(seg.kept_bytes), f"{seg.extra_s * 1e3:.2f} ms"))
+        header = ("block", "choice", "kept before", "kept after", "extra time")
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        for r in [header] + rows:
+            lines.append("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         lines.append(f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (untouched: "
                      f"{format_bytes(self.eager_peak_bytes)}); predicted extra time {self.predicted_extra_s * 1e3:.2f} ms "
                      f"({self.times})")
