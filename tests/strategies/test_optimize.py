@@ -7,6 +7,7 @@ statistics) must then equal the untouched model's (STYLE.md 3: relative error un
 """
 from __future__ import annotations
 
+import copy
 import re
 from typing import Dict, Optional
 
@@ -269,3 +270,24 @@ def test_a_model_without_blocks_is_a_clear_error(model, x):
     with pytest.raises(ValueError, match="no blocks"):
         optimize_(model, x, budget=0.5, measure=False)
     assert not any(isinstance(m, ModuleWrapper) for m in model.modules())
+
+
+def test_lossy_plans_use_bf16_only_when_asked_and_report_the_gradient_error():
+    entry = zoo.get("wavenet", size="small", dtype=torch.float32)
+    exact = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=0.5, loss_fn=entry.loss_fn,
+                      allow=("checkpoint",), measure=False)
+    assert all(s.option in ("keep", "checkpoint") for s in exact.segments)
+    assert exact.lossy_gradient_error is None
+    model = copy.deepcopy(entry.model)
+    lossy = optimize_(model, *entry.inputs, budget=0.5, loss_fn=entry.loss_fn, allow=("checkpoint",),
+                      lossy=True, measure=False)
+    assert any(s.option == "bf16" for s in lossy.segments)
+    assert lossy.predicted_extra_s <= exact.predicted_extra_s  # bf16 is cheaper than recomputing
+    assert 0 < lossy.lossy_gradient_error < 2e-2
+    assert "LOSSY" in lossy.explain()
+    assert lossy.estimated_peak_bytes <= lossy.budget_bytes
+    # The plan is data like any other: it round-trips and applies to a fresh model.
+    fresh = copy.deepcopy(entry.model)
+    convmem.apply_(fresh, Plan.from_dict(lossy.to_dict()))
+    names = lambda m: [(n, type(x).__name__) for n, x in m.named_modules()]  # noqa: E731
+    assert names(fresh) == names(model)

@@ -5,7 +5,8 @@ from .depthwise_separable import DepthwiseSeparableConv1d
 from .downsample import DownsampleConv1d
 from .fused_depthwise import FusedActivation, FusedDepthwiseConv1d
 from .offloaded import OffloadGroup, Offloaded
+from .saved_precision import LowPrecisionSaved
 from .tiled import Tiled
 
-__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d",
+__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "LowPrecisionSaved", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d",
            "FusedActivation", "restore_", "unwrap"]

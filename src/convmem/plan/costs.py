@@ -31,6 +31,7 @@ from torch import nn
 
 from ..analysis.receptive_field import known_refusal, receptive_field
 from ..nn.checkpointed import Checkpointed, resolve_policy
+from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..profile.estimate import estimate_step, meta_clone, to_meta
 from ..profile.recorder import ModuleCall
@@ -42,6 +43,7 @@ from .solver import ChainProblem, Choice, peak_of
 __all__ = ["ItemCost", "ChainCosts", "chain_costs", "OPTIONS"]
 
 OPTIONS = ("selective", "checkpoint", "tile", "offload")
+LOSSY_OPTIONS = ("bf16",)  # saved activations in bfloat16: nn/saved_precision.py, only with lossy=True
 _TILE_FRACTIONS = (2, 4, 8, 16, 32)  # candidate tile lengths: the input length over these
 _MIN_TILE = 256
 
@@ -62,6 +64,7 @@ class ItemCost:
     length: int  # input samples of the block along the time axis
     tile_lengths: List[int] = dataclasses.field(default_factory=list)
     halo: int = 0
+    kept_bf16: Optional[int] = None  # lossy: NOTE [Saved tensors in low precision]
     gradient_correction: int = 0  # NOTE [Measured option costs]: fitted to the all-checkpointed estimate
     alive: Dict[str, int] = dataclasses.field(default_factory=dict)  # option -> bytes left alive to forward's end
 
@@ -108,6 +111,8 @@ class ChainCosts:
             if "selective" in allow and it.kept_selective is not None:
                 choices.append(Choice(i, i + 1, "selective", b(it.kept_selective), b(it.kept_keep + g),
                                       it.extra_s["selective"] * f, alive=b(it.alive.get("selective", 0))))
+            if "bf16" in allow and it.kept_bf16 is not None:
+                choices.append(Choice(i, i + 1, "bf16", b(it.kept_bf16), b(it.kept_keep + g), it.extra_s.get("bf16", 0.0) * f))
             if "offload" in allow and "offload" in it.extra_s:
                 previous = items[i - 1].kept_keep if i > 0 else 0
                 choices.append(Choice(i, i + 1, "offload", 0, b(it.kept_keep + previous + g), it.extra_s["offload"] * f,
@@ -221,18 +226,19 @@ def _alive(items: List[ItemCost], estimates: Dict[str, Any], forward_base: int) 
             it.alive[option] = extra * it.output_bytes // outputs
 
 
-def _selective_kept(plain, selective, calls: Dict[str, ModuleCall], names: Sequence[str]) -> Dict[str, int]:
-    """Bytes each block holds under selective recompute.
+def _kept_by_forward_end(plain, option, calls: Dict[str, ModuleCall], names: Sequence[str]) -> Dict[str, int]:
+    """Bytes each block holds under an option whose kept tensors the recorder cannot see.
 
     What selective checkpointing keeps of a block's inside (the convolution outputs its policy
-    caches) is held by the checkpoint itself, not saved through autograd's saved-tensor hooks, so
-    the estimate does not charge it to the block. The bytes are still live at the end of forward:
-    the saving is the difference of live bytes there between the untouched and the selective step,
-    shared among the blocks by what they keep untouched.
+    caches) is held by the checkpoint itself, and what `LowPrecisionSaved` keeps goes through its
+    own saved-tensor hooks, inside the recorder's: the estimate does not charge either to the
+    block. The bytes are still live at the end of forward: the saving is the difference of live
+    bytes there between the untouched step and the step with the option on every block, shared
+    among the blocks by what they keep untouched.
     """
     kept = {n: _inclusive_kept(calls[n]) for n in names}
     total = sum(kept.values()) or 1
-    saving = max(0, _forward_end(plain) - _forward_end(selective))
+    saving = max(0, _forward_end(plain) - _forward_end(option))
     return {n: max(0, kept[n] - saving * kept[n] // total) for n in names}
 
 
@@ -298,8 +304,14 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
         say("estimating selective recompute")
         est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, lambda m: Checkpointed(m, "selective")))
         if est is not None:
-            kept_sel = _selective_kept(plain, est, calls, names)
+            kept_sel = _kept_by_forward_end(plain, est, calls, names)
             option_estimates["selective"] = est
+    kept_bf16: Dict[str, int] = {}
+    if "bf16" in allow and names:
+        say("estimating bfloat16 saved tensors")
+        est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, LowPrecisionSaved))
+        if est is not None:
+            kept_bf16 = _kept_by_forward_end(plain, est, calls, names)
     say("estimating checkpointing")
     est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, lambda m: Checkpointed(m, "full")))
     if est is None:
@@ -314,7 +326,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
             name=n, input_bytes=kept_ckpt.get(n, 0), output_bytes=call.output_bytes,
             largest_activation=max((_largest_output(c) for c in call.children), default=0),
             kept_keep=_inclusive_kept(call), kept_selective=kept_sel.get(n), kept_checkpoint=kept_ckpt.get(n, 0),
-            forward_s=0.0, extra_s={}, length=_elem_length(call),
+            forward_s=0.0, extra_s={}, length=_elem_length(call), kept_bf16=kept_bf16.get(n),
         ))
 
     chain_tiles: List[List[Any]] = []
@@ -413,6 +425,7 @@ def _roofline_times(costs: ChainCosts, allow: Sequence[str]) -> None:
         it.forward_s = f
         it.extra_s["checkpoint"] = f
         it.extra_s["selective"] = _SELECTIVE_SHARE * f
+        it.extra_s["bf16"] = 3 * it.kept_keep / _HBM_BYTES_PER_S  # cast down in forward, up in backward
         it.extra_s["offload"] = max(0.0, 2 * it.kept_keep / _PCIE_BYTES_PER_S - 3 * f) + 1e-4
         for t in it.tile_lengths:
             windows = math.ceil(it.length / t)
@@ -467,6 +480,9 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
     if "selective" in allow and any(it.kept_selective is not None for it in costs.items):
         charge("selective", timed("selective recompute",
                                   {n: Checkpointed(model.get_submodule(n), "selective") for n in names}), costs.items)
+    if "bf16" in allow and any(it.kept_bf16 is not None for it in costs.items):
+        charge("bf16", timed("bfloat16 saved tensors", {n: LowPrecisionSaved(model.get_submodule(n)) for n in names}),
+               costs.items)
     if "offload" in allow:
         from ..nn.offloaded import OffloadGroup, Offloaded
 

@@ -22,6 +22,7 @@ from torch import nn
 from .._units import format_bytes
 from ..nn._wrapper import ModuleWrapper
 from ..nn.checkpointed import Checkpointed
+from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..strategies._common import swap_modules
 from .costs import ChainCosts
@@ -74,6 +75,7 @@ class Plan:
     measured_step_s: Optional[float] = None
     eager_measured_peak_bytes: Optional[int] = None
     eager_step_s: Optional[float] = None
+    lossy_gradient_error: Optional[float] = None  # lossy options: relative L2 error of all gradients, measured
     times: str = "modelled"
     structure: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     costs: Optional[ChainCosts] = None
@@ -103,6 +105,10 @@ class Plan:
                      f"({self.times})")
         if self.estimated_peak_bytes is not None:
             lines.append(f"  estimate of the optimized model (convmem.profile): {format_bytes(self.estimated_peak_bytes)}")
+        if any(s.option == "bf16" for s in self.segments):
+            error = (f"relative gradient error {self.lossy_gradient_error:.2e} (L2, all gradients) on the example inputs"
+                     if self.lossy_gradient_error is not None else "gradient error not measured (meta inputs)")
+            lines.append(f"  LOSSY: bfloat16 saved tensors change gradients (outputs unchanged); {error}")
         if self.measured_peak_bytes is not None:
             eager = (f" (untouched {format_bytes(self.eager_measured_peak_bytes)}, {self.eager_step_s * 1e3:.1f} ms)"
                      if self.eager_measured_peak_bytes is not None and self.eager_step_s is not None else "")
@@ -237,6 +243,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
                     replacements[name] = Checkpointed(module, "full")
             elif seg.option == "tile":
                 replacements[name] = Tiled(module, seg.tile_length, name=name)
+            elif seg.option == "bf16":
+                replacements[name] = LowPrecisionSaved(module)
             elif seg.option == "offload":
                 from ..nn.offloaded import OffloadGroup, Offloaded
                 group = group or OffloadGroup()

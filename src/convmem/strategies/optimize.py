@@ -15,6 +15,8 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import sys
@@ -25,7 +27,7 @@ from torch import nn
 
 from .._units import format_bytes, parse_bytes
 from ..nn._wrapper import ModuleWrapper, restore_
-from ..plan.costs import OPTIONS, ChainCosts, chain_costs
+from ..plan.costs import LOSSY_OPTIONS, OPTIONS, ChainCosts, chain_costs
 from ..plan.plan import Plan, PlanSegment, apply_, structure_of
 from ..plan.solver import min_peak, solve
 from ..profile.estimate import estimate_step, to_meta
@@ -68,10 +70,7 @@ class OptimizeConfig(ConfigDict):
         object.__setattr__(self, "allow", tuple(self.allow))
         if not isinstance(self.lossy, bool):
             raise TypeError(f"{_STRATEGY}: lossy must be True or False, got {self.lossy!r}")
-        if self.lossy:
-            raise NotImplementedError(
-                f"{_STRATEGY}: lossy=True is not planned yet; apply lossy strategies on their own "
-                "(convmem.to_depthwise_separable_, convmem.downsample_), each reports its error")
+
 
 
 def parse_budget(budget: Budget, eager_peak: int) -> int:
@@ -130,9 +129,11 @@ def optimize_(
             untouched model's estimated peak (``0.25`` or ``"25%"``).
         loss_fn: ``loss_fn(output) -> scalar``; default: mean of squares of the outputs.
         allow: options the planner may use; "keep" always is.
-        lossy: must be False: the planner uses exact options only. An infeasible budget says what
-            keeping saved activations in bfloat16 would reach; lossy strategies are applied on
-            their own (``to_depthwise_separable_``, ``downsample_``) and report their error.
+        lossy: also allow keeping blocks' saved activations in bfloat16 ("bf16": outputs unchanged,
+            gradients rounded; NOTE [Saved tensors in low precision]). The plan then reports the
+            relative gradient error it causes on the example inputs (``plan.lossy_gradient_error``,
+            L2 over all gradients). Depthwise-separable conversion and downsampling are
+            not planned (they change the model: ``to_depthwise_separable_``, ``downsample_``).
         length: plan for inputs of this length instead of the example's (costs scale linearly:
             NOTE [Measured option costs]); the plan is then not applied (the model stays as it is).
         measure: on a GPU, time each option (default) and measure the optimized step.
@@ -160,7 +161,8 @@ def optimize_(
     say = _progress(progress)
 
     if costs is None:
-        costs = chain_costs(model, inputs, loss_fn, config.allow, autocast, measure_times=measure, progress=say)
+        costs = chain_costs(model, inputs, loss_fn, config.allow + (LOSSY_OPTIONS if config.lossy else ()), autocast,
+                            measure_times=measure, progress=say)
     if not costs.items:
         raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks]); "
                          "use convmem.checkpoint_(model, filter_fn=...) or convmem.tile_ on chosen modules instead")
@@ -168,7 +170,8 @@ def optimize_(
     scale = costs.scale(plan_length)
     eager_peak = costs.fixed + int((costs.eager_peak - costs.fixed) * scale)
     target = parse_budget(budget, eager_peak)
-    problem = costs.problem(config.allow, plan_length)
+    allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
+    problem = costs.problem(allowed, plan_length)
     names = [it.name for it in costs.items]
     structure = structure_of(model, names, costs.chain)
     here = length is None or length == costs.length  # the plan is for the example: apply and check it
@@ -197,6 +200,15 @@ def optimize_(
             raise
         return max(plan.estimated_peak_bytes, plan.measured_peak_bytes or 0)
 
+    reference = copy.deepcopy(model) if config.lossy and here and not _on_meta(inputs) else None
+
+    def _report_lossy(plan: Plan) -> Plan:
+        """NOTE [Saved tensors in low precision]: measure what a lossy plan does to the gradients."""
+        if reference is not None and any(s.option in LOSSY_OPTIONS for s in plan.segments):
+            say("measuring the gradient error of the lossy plan")
+            plan.lossy_gradient_error = _gradient_error(reference, model, inputs, loss_fn, autocast)
+        return plan
+
     solver_budget = target
     for _ in range(_ROUNDS):
         solution = solve(problem, solver_budget)
@@ -208,7 +220,7 @@ def optimize_(
         say(f"applying: {', '.join(sorted({s.label for s in plan.segments}))}; checking the optimized step")
         peak = judged(plan)
         if peak <= target:
-            return plan
+            return _report_lossy(plan)
         restore_(model)
         say(f"peak {format_bytes(peak)} is over the budget; solving again")
         solver_budget -= peak - target + target // 200
@@ -216,8 +228,8 @@ def optimize_(
     # The least-peak plans, judged the same way: the cost model may overstate what a plan holds,
     # and the smallest budget it names must be one this function then accepts.
     smallest, best = None, None
-    subsets = sorted({config.allow, tuple(a for a in config.allow if a != "offload"),
-                      tuple(a for a in config.allow if a not in ("offload", "tile"))})
+    subsets = sorted({tuple(a for a in options if a not in dropped)
+                      for options in (allowed, config.allow) for dropped in ((), ("offload",), ("offload", "tile"))})
     for subset in subsets:
         floor = min_peak(costs.problem(subset, plan_length))
         if floor is None:
@@ -228,35 +240,64 @@ def optimize_(
             say(f"checking the least-peak plan with {', '.join(('keep',) + subset)}")
             peak = judged(plan)
             if peak <= target:
-                return plan
+                return _report_lossy(plan)
             restore_(model)
         if smallest is None or peak < smallest:
             smallest, best = peak, plan
     lossy_min = _lossy_min(costs, config.allow, plan_length)
+    if config.lossy:
+        lossy_text = ""
+    elif lossy_min < smallest:
+        lossy_text = (f" lossy=True (blocks' saved activations in bfloat16; gradients change, outputs do not) "
+                      f"would lower it to about {format_bytes(lossy_min)}.")
+    else:
+        lossy_text = " lossy=True (bfloat16 saved activations) would not lower it: what a block holds in backward sets it."
     raise InfeasibleBudget(
-        f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + config.allow)} fits "
+        f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + allowed)} fits "
         f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these "
-        f"options is {format_bytes(smallest)} (untouched: {format_bytes(eager_peak)}). Keeping saved "
-        f"activations in bfloat16 (lossy, not planned by optimize_ yet) would lower it to about "
-        f"{format_bytes(lossy_min)}; converting convolutions to depthwise-separable ones "
-        "(convmem.to_depthwise_separable_, lossy) cuts parameters and FLOPs, not activation memory.",
+        f"options is {format_bytes(smallest)} (untouched: {format_bytes(eager_peak)}).{lossy_text} Converting "
+        "convolutions to depthwise-separable ones (convmem.to_depthwise_separable_, lossy) cuts parameters "
+        "and FLOPs, not activation memory (docs/lossy.md).",
         smallest, lossy_min, costs=costs, plan=best,
     )
 
 
 def _lossy_min(costs: ChainCosts, allow, length: int) -> int:
-    """The smallest feasible peak if every saved activation were kept in bfloat16 (half of fp32)."""
-    halved = ChainCosts.from_dict(costs.to_dict())
-    for it in halved.items:
-        it.kept_keep //= 2
-        it.kept_checkpoint //= 2
-        it.input_bytes //= 2
-        if it.kept_selective is not None:
-            it.kept_selective //= 2
-    for tile in halved.chain_tiles:
-        tile[2] //= 2
-    floor = min_peak(halved.problem(allow, length))
+    """The smallest feasible peak by the chain model with the "bf16" option added, from the bytes
+    the profile measured for it or, where it was not profiled, half of each block's fp32 kept
+    bytes (NOTE [Saved tensors in low precision]: backward still holds them in fp32)."""
+    lossy = ChainCosts.from_dict(costs.to_dict())
+    for it in lossy.items:
+        if it.kept_bf16 is None:
+            it.kept_bf16 = it.kept_keep // 2
+    floor = min_peak(lossy.problem(tuple(allow) + LOSSY_OPTIONS, length))
     return floor.peak if floor is not None else 0
+
+
+def _on_meta(inputs) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs)
+
+
+def _gradient_error(reference: nn.Module, model: nn.Module, inputs, loss_fn, autocast) -> float:
+    """Relative L2 error of `model`'s parameter and input gradients against `reference`'s,
+    one training step on `inputs` each; both models come back as they were."""
+    from ..nn.saved_precision import gradient_error
+    from ..profile.measure import preserved
+    from ..profile.step import default_loss
+
+    grads = []
+    for net in (reference, model):
+        xs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
+        with preserved(net):
+            net.zero_grad(set_to_none=True)
+            device = next((t.device.type for t in xs if isinstance(t, torch.Tensor)), "cpu")
+            with contextlib.nullcontext() if autocast is None else torch.autocast(device, dtype=autocast):
+                loss = (loss_fn or default_loss)(net(*xs))
+            loss.backward()
+            found = {name: p.grad for name, p in net.named_parameters()}
+            found.update({f"input{i}": x.grad for i, x in enumerate(xs) if isinstance(x, torch.Tensor)})
+            grads.append({k.replace("wrapped.", ""): v for k, v in found.items()})
+    return gradient_error(grads[0], grads[1])
 
 
 def _on_cuda(model: nn.Module, inputs) -> bool:
