@@ -159,3 +159,11 @@ def test_budget_argument_forms():
     assert parse_budget_arg("0.25") == "0.25" and parse_budget(parse_budget_arg("0.25"), 1000) == 250
     assert parse_budget_arg("25%") == "25%" and parse_budget("25%", 1000) == 250
     assert parse_budget_arg("2GiB") == "2GiB" and parse_budget(parse_budget_arg("4096"), 1000) == 4096
+
+
+def test_optimize_lossy_reports_the_gradient_error(capsys):
+    code = main(["optimize", "zoo:wavenet", "--budget", "40%", "--lossy", "--allow", "checkpoint", "--device", "meta"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "bf16" in out and "LOSSY" in out
+    assert re.search(r"LOSSY plan: outputs unchanged, relative gradient error \d\.\d\de[-+]\d\d", err), err

@@ -200,7 +200,8 @@ def cmd_optimize(args) -> int:
             _stderr("[convmem optimize] the untouched step does not fit this GPU: no measurement before")
             torch.cuda.empty_cache()
     try:
-        plan = optimize_(model, *inputs, budget=budget, loss_fn=loss_fn, allow=allow, autocast=autocast, progress=True)
+        plan = optimize_(model, *inputs, budget=budget, loss_fn=loss_fn, allow=allow, autocast=autocast,
+                         lossy=args.lossy, progress=True)
     except InfeasibleBudget as error:
         print(f"convmem: error: {error}", file=sys.stderr)
         print(f"convmem: the smallest feasible budget is {_format_budget(error.min_bytes)}: try --budget "
@@ -211,7 +212,14 @@ def cmd_optimize(args) -> int:
     plan.eager_measured_peak_bytes = eager_measured
 
     verification = None
-    if args.verify and name is not None:
+    lossy = any(seg.option == "bf16" for seg in plan.segments)
+    if args.verify and name is not None and lossy:
+        from .demo import lossy_error
+
+        error = lossy_error(name, plan)
+        _stderr(f"[convmem optimize] LOSSY plan: outputs unchanged, relative gradient error {error:.2e} (L2, all "
+                f"gradients) on zoo:{name} at its small size, float64 on the CPU")
+    elif args.verify and name is not None:
         _stderr(f"[convmem optimize] verifying exact gradients on zoo:{name} at its small size, float64 on the CPU")
         verification = verify_plan(name, plan)
         if args.json:
@@ -339,6 +347,8 @@ def parser() -> argparse.ArgumentParser:
                      help="options the planner may use, comma-separated (default: all exact ones)")
     opt.add_argument("--device", help="cuda (measures before and after), meta (plans from the estimate, allocates "
                                       "nothing) or cpu; default: cuda if there is a GPU, else meta")
+    opt.add_argument("--lossy", action="store_true",
+                     help="also allow bfloat16 saved activations per block (gradients change, outputs do not)")
     opt.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip the exact-gradient check on a small float64 copy (zoo models)")
     opt.add_argument("--json", action="store_true", help="print the plan as JSON (Plan.to_dict) and nothing else")
