@@ -9,7 +9,8 @@ for each budget (a share of that measured peak) applied to a fresh model and mea
 checkpoint) run under ``torch.compile``. The planner's option costs are taken once per model (its
 own timing on this card) and reused for every budget (``costs=``). Rows go to
 OUT_DIR/optimize.csv; an infeasible budget is a row with status "infeasible" and the smallest
-feasible budget in its note. `benchmarks/plot.py pareto` draws the plots with the anchors.
+feasible budget in its note, and the plan at that smallest budget is measured too
+("convmem_plan_min": the low end of the frontier; --no-floor skips it). `benchmarks/plot.py pareto` draws the plots with the anchors.
 """
 from __future__ import annotations
 
@@ -68,12 +69,13 @@ def bench_model(name, args, base, out_csv, deadline):
     _cleanup()
 
     costs = {}  # allow -> ChainCosts, measured once per model on this card
+    floors = {}  # allow -> the smallest feasible budget an infeasible row named
 
-    def plan_row(share, allow, compiled):
-        strategy = f"convmem_plan_{share:g}" + ("_compiled" if compiled else "")
+    def plan_row(share, allow, compiled, budget=None, strategy=None):
+        strategy = strategy or f"convmem_plan_{share:g}" + ("_compiled" if compiled else "")
         entry = zoo.get(name, size=args.size, device=args.device)
         row = _row(base, name, strategy, entry)
-        budget = int(share * eager_peak)
+        budget = budget or int(share * eager_peak)
         signal.alarm(args.row_timeout_s)
         try:
             began = time.time()
@@ -97,6 +99,7 @@ def bench_model(name, args, base, out_csv, deadline):
         except InfeasibleBudget as error:
             row["status"] = "infeasible"
             row["note"] = f"budget {budget} B; smallest feasible {error.min_bytes} B"
+            floors[allow] = error.min_bytes
         except torch.cuda.OutOfMemoryError:
             row["status"] = "oom"
         except TimeoutError as error:
@@ -117,6 +120,9 @@ def bench_model(name, args, base, out_csv, deadline):
             print(f"[optimize] time budget spent; skipping the rest of {name}", flush=True)
             return
         plan_row(share, full, compiled=False)
+    if args.floor and full in floors and time.time() < deadline:
+        # The least memory the planner reaches: a point of the frontier no share above gives.
+        plan_row(floors[full] / eager_peak, full, compiled=False, budget=floors[full], strategy="convmem_plan_min")
     for share in args.compiled:
         if time.time() > deadline:
             return
@@ -131,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--sweep", default="0.75,0.35")
     parser.add_argument("--compiled", default="0.5,0.25")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the plan at the smallest feasible budget (run when some budget is infeasible)")
     parser.add_argument("--size", default="default", help="zoo size; 'small' with --device cpu smoke-tests the script")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--row-timeout-s", type=int, default=150)

@@ -93,7 +93,7 @@ def optimize_table() -> str:
 
     def order(r):
         share = r["strategy"].replace("convmem_plan_", "").replace("_compiled", "")
-        return (r["model"], r["strategy"].endswith("_compiled"), -float(share))
+        return (r["model"], r["strategy"].endswith("_compiled"), -float(share) if share != "min" else 1.0)
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     plans = sorted((r for r in rows if r["strategy"].startswith("convmem_plan")),
