@@ -72,6 +72,8 @@ def verify_plan(name: str, plan: Plan, tolerance: float = EXACT_TOLERANCE, seed:
     started = time.perf_counter()
     entry = zoo.get(name, "small", dtype=torch.float64, seed=seed)
     reference = entry.model
+    length = int(entry.inputs[0].shape[-1])
+    plan = _tiles_scaled(plan, length)
     optimized = apply_(copy.deepcopy(reference), plan)
     expected = _step(reference, entry.inputs, entry.loss_fn, seed)
     actual = _step(optimized, entry.inputs, entry.loss_fn, seed)
@@ -80,12 +82,22 @@ def verify_plan(name: str, plan: Plan, tolerance: float = EXACT_TOLERANCE, seed:
         raise RuntimeError(f"verify_plan: the optimized model's state_dict keys differ from the untouched one's: {missing}")
     errors = {key: _error(actual[key], value) for key, value in expected.items()}
     worst = max(errors, key=errors.get)
-    length = int(entry.inputs[0].shape[-1])
-    longer = sorted({s.tile_length for s in plan.segments if s.tile_length is not None and s.tile_length >= length})
-    note = (f"tile length {', '.join(map(str, longer))} >= the {length} samples here: each tiled part runs "
-            "as one window" if longer else "")
+    tiles = sorted({s.tile_length for s in plan.segments if s.tile_length is not None})
+    note = (f"tile lengths scaled with the input to {', '.join(map(str, tiles))} samples here, so that the "
+            "tiled parts run in several windows" if tiles else "")
     return Verification(name, tuple(entry.inputs[0].shape), len(errors), errors[worst], worst,
                         time.perf_counter() - started, tolerance, note)
+
+
+def _tiles_scaled(plan: Plan, length: int) -> Plan:
+    """`plan` with its tile lengths scaled from the plan's input length to `length` (at least 1),
+    so that a tiled part of the small model runs in as many windows as at the planned size and the
+    check covers the windows and their halos, not one untiled window."""
+    if not plan.length or length >= plan.length:
+        return plan
+    segments = [dataclasses.replace(s, tile_length=max(1, s.tile_length * length // plan.length))
+                if s.tile_length is not None else s for s in plan.segments]
+    return dataclasses.replace(plan, segments=segments)
 
 
 def lossy_error(name: str, plan: Plan, seed: int = 0) -> float:
