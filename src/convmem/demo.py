@@ -66,8 +66,8 @@ def verify_plan(name: str, plan: Plan, tolerance: float = EXACT_TOLERANCE, seed:
     state_dict key, which wrappers keep) and every buffer after the step (BatchNorm statistics).
 
     Plans name their blocks, so a plan made at the training size applies to the same model at any
-    length; a tile longer than the small input runs as one window, which is still the tiled code
-    path (NOTE [Tiled autograd] in nn/tiled.py) and still exact.
+    length; its tile lengths are scaled to the small input (`_tiles_scaled`), so tiled parts run in
+    several windows with their halos here too (NOTE [Tiled autograd] in nn/tiled.py).
     """
     started = time.perf_counter()
     entry = zoo.get(name, "small", dtype=torch.float64, seed=seed)
