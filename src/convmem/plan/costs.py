@@ -183,7 +183,8 @@ def _forward_end(estimate) -> int:
 
 def _fit_gradients(items: List[ItemCost], chain: Optional[str], base: int, forward_base: int, estimate) -> None:
     """Correct the gradient bytes of the block whose backward sets the peak with every block
-    checkpointed, so that the chain model reproduces that estimate (NOTE [Measured option costs]).
+    checkpointed, so that the chain model reproduces that estimate, and every other block's by the
+    same ratio (NOTE [Measured option costs]).
 
     What a block holds besides its activations while its backward runs (gradients of its output,
     its input, an internal activation) depends on the order its ops free things in; the untouched
@@ -202,7 +203,13 @@ def _fit_gradients(items: List[ItemCost], chain: Optional[str], base: int, forwa
     predicted = peak_of(problem, singles)
     if where is None or problem.base + worst < predicted:
         return  # the forward sets that peak, not a block's backward
-    items[where].gradient_correction = estimate.peak_bytes - predicted
+    delta = estimate.peak_bytes - predicted
+    fitted = items[where]
+    ratio = (fitted.gradients + delta) / fitted.gradients if fitted.gradients else 1.0
+    for it in items:  # blocks free their gradients in much the same order: the same share for all
+        if it.gradients:
+            it.gradient_correction = int(it.gradients * (ratio - 1))
+    fitted.gradient_correction = delta
 
 
 def _forward_peak(estimate) -> int:
