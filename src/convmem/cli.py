@@ -343,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--input", action="append", default=[], help="your model: input shape such as 8x1x160000")
     opt.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     opt.add_argument("--autocast", choices=sorted(AUTOCAST), help="plan the step under CUDA autocast")
-    opt.add_argument("--allow", default="selective,checkpoint,tile,offload",
+    opt.add_argument("--allow", default="selective,checkpoint,tile,offload,chunk",
                      help="options the planner may use, comma-separated (default: all exact ones)")
     opt.add_argument("--device", help="cuda (measures before and after), meta (plans from the estimate, allocates "
                                       "nothing) or cpu; default: cuda if there is a GPU, else meta")

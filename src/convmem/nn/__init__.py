@@ -1,5 +1,6 @@
 """Drop-in modules: the wrappers strategies put in, and lossy replacements for Conv1d."""
 from ._wrapper import ModuleWrapper, restore_, unwrap
+from .batch_chunked import BatchChunked
 from .checkpointed import Checkpointed
 from .depthwise_separable import DepthwiseSeparableConv1d
 from .downsample import DownsampleConv1d
@@ -8,5 +9,5 @@ from .offloaded import OffloadGroup, Offloaded
 from .saved_precision import LowPrecisionSaved
 from .tiled import Tiled
 
-__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "LowPrecisionSaved", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d",
+__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "LowPrecisionSaved", "BatchChunked", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d",
            "FusedActivation", "restore_", "unwrap"]

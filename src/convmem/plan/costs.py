@@ -31,6 +31,7 @@ from torch import nn
 
 from ..analysis.receptive_field import known_refusal, receptive_field
 from ..nn.checkpointed import Checkpointed, resolve_policy
+from ..nn.batch_chunked import BatchChunked, coupling_module
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..profile.estimate import estimate_step, meta_clone, to_meta
@@ -42,7 +43,7 @@ from .solver import ChainProblem, Choice, peak_of
 
 __all__ = ["ItemCost", "ChainCosts", "chain_costs", "OPTIONS"]
 
-OPTIONS = ("selective", "checkpoint", "tile", "offload")
+OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk")
 LOSSY_OPTIONS = ("bf16",)  # saved activations in bfloat16: nn/saved_precision.py, only with lossy=True
 _TILE_FRACTIONS = (2, 4, 8, 16, 32)  # candidate tile lengths: the input length over these
 _MIN_TILE = 256
@@ -65,6 +66,7 @@ class ItemCost:
     tile_lengths: List[int] = dataclasses.field(default_factory=list)
     halo: int = 0
     kept_bf16: Optional[int] = None  # lossy: NOTE [Saved tensors in low precision]
+    chunkable: bool = False  # NOTE [Batch-chunked recompute]: treats samples independently
     gradient_correction: int = 0  # NOTE [Measured option costs]: fitted to the all-checkpointed estimate
     alive: Dict[str, int] = dataclasses.field(default_factory=dict)  # option -> bytes left alive to forward's end
 
@@ -111,6 +113,13 @@ class ChainCosts:
             if "selective" in allow and it.kept_selective is not None:
                 choices.append(Choice(i, i + 1, "selective", b(it.kept_selective), b(it.kept_keep + g),
                                       it.extra_s["selective"] * f, alive=b(it.alive.get("selective", 0))))
+            if "chunk" in allow and it.chunkable and self.batch > 1:
+                # One sample at a time: the input kept, its gradient and the output's at full batch,
+                # one sample's activations and gradients (NOTE [Batch-chunked recompute]).
+                working = it.kept_checkpoint + it.input_bytes + it.output_bytes + (it.kept_keep + g) / self.batch
+                choices.append(Choice(i, i + 1, "chunk", b(it.kept_checkpoint), b(working),
+                                      it.extra_s.get("chunk", it.extra_s.get("checkpoint", 0.0)) * f,
+                                      alive=b(it.alive.get("checkpoint", 0))))
             if "bf16" in allow and it.kept_bf16 is not None:
                 choices.append(Choice(i, i + 1, "bf16", b(it.kept_bf16), b(it.kept_keep + g), it.extra_s.get("bf16", 0.0) * f))
             if "offload" in allow and "offload" in it.extra_s:
@@ -334,6 +343,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
             largest_activation=max((_largest_output(c) for c in call.children), default=0),
             kept_keep=_inclusive_kept(call), kept_selective=kept_sel.get(n), kept_checkpoint=kept_ckpt.get(n, 0),
             forward_s=0.0, extra_s={}, length=_elem_length(call), kept_bf16=kept_bf16.get(n),
+            chunkable="chunk" in allow and coupling_module(model.get_submodule(n)) is None,
         ))
 
     chain_tiles: List[List[Any]] = []
@@ -433,6 +443,7 @@ def _roofline_times(costs: ChainCosts, allow: Sequence[str]) -> None:
         it.extra_s["checkpoint"] = f
         it.extra_s["selective"] = _SELECTIVE_SHARE * f
         it.extra_s["bf16"] = 3 * it.kept_keep / _HBM_BYTES_PER_S  # cast down in forward, up in backward
+        it.extra_s["chunk"] = f + costs.batch * _WINDOW_S
         it.extra_s["offload"] = max(0.0, 2 * it.kept_keep / _PCIE_BYTES_PER_S - 3 * f) + 1e-4
         for t in it.tile_lengths:
             windows = math.ceil(it.length / t)
@@ -487,6 +498,10 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
     if "selective" in allow and any(it.kept_selective is not None for it in costs.items):
         charge("selective", timed("selective recompute",
                                   {n: Checkpointed(model.get_submodule(n), "selective") for n in names}), costs.items)
+    chunked = [it for it in costs.items if it.chunkable]
+    if "chunk" in allow and chunked and costs.batch > 1:
+        charge("chunk", timed("batch-chunked recompute", {it.name: BatchChunked(model.get_submodule(it.name), 1)
+                                                          for it in chunked}), chunked)
     if "bf16" in allow and any(it.kept_bf16 is not None for it in costs.items):
         charge("bf16", timed("bfloat16 saved tensors", {n: LowPrecisionSaved(model.get_submodule(n)) for n in names}),
                costs.items)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .._units import format_bytes
 from ..nn._wrapper import ModuleWrapper
+from ..nn.batch_chunked import BatchChunked
 from ..nn.checkpointed import Checkpointed
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
@@ -243,6 +244,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
                     replacements[name] = Checkpointed(module, "full")
             elif seg.option == "tile":
                 replacements[name] = Tiled(module, seg.tile_length, name=name)
+            elif seg.option == "chunk":
+                replacements[name] = BatchChunked(module, 1)
             elif seg.option == "bf16":
                 replacements[name] = LowPrecisionSaved(module)
             elif seg.option == "offload":

@@ -1,0 +1,167 @@
+"""`BatchChunked`: recompute a module's backward a few samples at a time; exact results.
+
+# NOTE [Batch-chunked recompute]
+# Checkpointing a module keeps only its input, but its backward recomputes the module for the whole
+# batch and holds all of that at once. When the module treats the samples of a batch independently
+# (convolutions, GroupNorm and LayerNorm normalise each sample on its own, pointwise ops), backward
+# can recompute and back-propagate `batch_chunk` samples at a time instead: the gradient of the
+# input is the concatenation of the chunks' input gradients, and parameter gradients are the sums
+# of the chunks'. Backward memory falls by the number of chunks. Forward runs once for the whole
+# batch under no_grad (it keeps nothing but the input), as in NOTE [Tiled autograd] in tiled.py,
+# whose length tiling this is along the batch axis instead: it needs no locality in time, so it
+# serves blocks that tiling refuses -- wav2vec 2.0's first layer, a GroupNorm over 320,000 samples.
+#
+# Exact only for modules that do not couple samples. Refused at construction: BatchNorm in train
+# mode (batch statistics), active Dropout (masks would be drawn per chunk). Checked at the first call
+# of every input signature (`verify=True`): the first two samples run together and one at a time,
+# under no_grad, and must agree to within floating-point reassociation; a module that couples them
+# anyway (a custom ``x - x.mean(0)``) is refused with the difference found. The input must carry
+# the batch on axis 0, as must every output, and no other tensor argument may be passed.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._wrapper import ModuleWrapper
+
+__all__ = ["BatchChunked"]
+
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+_TOLERANCE_CUDA_FLOAT32 = 2e-3  # TF32 convolutions (cuDNN's default)
+
+
+def coupling_module(module: nn.Module) -> Optional[Tuple[str, str]]:
+    """``(qualified name, reason)`` of a submodule that couples the samples of a batch, or None."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and (sub.training or not sub.track_running_stats):
+            return name, "BatchNorm in train mode normalises with statistics over the whole batch"
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+            return name, "active Dropout would draw other masks per chunk"
+    return None
+
+
+class _Chunked(torch.autograd.Function):
+    """NOTE [Batch-chunked recompute]. Inputs: the wrapper, x, the parameters that need grad."""
+
+    @staticmethod
+    def forward(ctx, wrapper: "BatchChunked", x: torch.Tensor, *params: torch.Tensor):
+        ctx.wrapper = wrapper
+        ctx.save_for_backward(x)
+        ctx.autocast = _autocast_state(x.device.type)
+        with torch.no_grad():
+            out = wrapper.wrapped(x)
+        flat, spec = tree_flatten(out)
+        if not all(isinstance(t, torch.Tensor) for t in flat):
+            raise ValueError("BatchChunked: every output of the module must be a tensor (batch on axis 0)")
+        wrapper._spec = spec  # read back by BatchChunked.forward right after apply
+        return tuple(flat)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        (x,) = ctx.saved_tensors
+        wrapper = ctx.wrapper
+        params = wrapper._params()
+        chunk = wrapper.batch_chunk
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
+        grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
+        autocast = (torch.autocast(**ctx.autocast) if ctx.autocast is not None else torch.autocast("cpu", enabled=False))
+        for start in range(0, x.shape[0], chunk):
+            stop = min(start + chunk, x.shape[0])
+            with torch.enable_grad(), autocast:
+                xc = x[start:stop].detach().requires_grad_(grad_x is not None)
+                outs = [t for t in tree_flatten(wrapper.wrapped(xc))[0] if isinstance(t, torch.Tensor)]
+            pairs = [(o, g[start:stop]) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            if not pairs:
+                continue
+            leaves = ([xc] if grad_x is not None else []) + list(params)
+            found = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+            if grad_x is not None:
+                if found[0] is not None:
+                    grad_x[start:stop] = found[0]
+                found = found[1:]
+            for i, g in enumerate(found):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+        return (None, grad_x, *grad_params)
+
+
+def _autocast_state(device_type: str) -> Optional[Dict[str, Any]]:
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type)}
+
+
+class BatchChunked(ModuleWrapper):
+    """Run `wrapped` for the whole batch in forward, and recompute its backward `batch_chunk` samples
+    at a time (NOTE [Batch-chunked recompute]): backward memory falls by the number of chunks;
+    outputs and gradients equal the untouched module's up to floating-point reassociation.
+
+    Args:
+        wrapped: a module that treats samples independently, ``x: (batch, ...) -> (batch, ...)``.
+        batch_chunk: samples per backward recomputation (>= 1).
+        verify: compare two samples together and apart at the first call of each input signature.
+
+    `state_dict()` keys are those of `wrapped`; ``convmem.restore_`` takes the wrapper out.
+    """
+
+    def __init__(self, wrapped: nn.Module, batch_chunk: int = 1, *, verify: bool = True):
+        if isinstance(batch_chunk, bool) or not isinstance(batch_chunk, int) or batch_chunk < 1:
+            raise ValueError(f"BatchChunked: batch_chunk must be a positive int, got {batch_chunk!r}")
+        coupled = coupling_module(wrapped)
+        if coupled is not None:
+            name, reason = coupled
+            raise ValueError(f"BatchChunked: cannot split the batch of {type(wrapped).__name__}: "
+                             f"{name or 'the module itself'!r}: {reason}")
+        super().__init__(wrapped)
+        self.batch_chunk = batch_chunk
+        self.verify = verify
+        self._verified: Dict[Any, bool] = {}
+        self._spec = None
+
+    def extra_repr(self) -> str:
+        return f"batch_chunk={self.batch_chunk}"
+
+    def _params(self) -> List[nn.Parameter]:
+        return [p for p in self.wrapped.parameters() if p.requires_grad]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if (args or kwargs or not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] <= self.batch_chunk
+                or not torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            if args or kwargs:
+                raise ValueError("BatchChunked: the module must take one tensor (batch on axis 0) and nothing else")
+            return self.wrapped(x)
+        coupled = coupling_module(self.wrapped)  # modes may have changed since construction
+        if coupled is not None:
+            raise ValueError(f"BatchChunked: cannot split the batch: {coupled[0]!r}: {coupled[1]}")
+        if self.verify and not x.is_meta:
+            self._check(x)
+        flat = _Chunked.apply(self, x, *self._params())
+        return tree_unflatten(list(flat), self._spec)
+
+    def _check(self, x: torch.Tensor) -> None:
+        key = ("verified", x.dtype, x.device.type, tuple(x.shape[1:]), self.training)
+        if key in self._verified:
+            return
+        with torch.no_grad():
+            pair = x[:2]
+            together = [t for t in tree_flatten(self.wrapped(pair))[0] if isinstance(t, torch.Tensor)]
+            apart = [torch.cat(parts) for parts in zip(*[
+                [t for t in tree_flatten(self.wrapped(pair[i:i + 1]))[0] if isinstance(t, torch.Tensor)] for i in range(2)
+            ])]
+        tolerance = _TOLERANCE.get(x.dtype, 1e-4)
+        if x.is_cuda and x.dtype == torch.float32:
+            tolerance = max(tolerance, _TOLERANCE_CUDA_FLOAT32)
+        for a, b in zip(together, apart):
+            if a.shape != b.shape or a.shape[0] != 2:
+                raise ValueError(f"BatchChunked: an output of shape {tuple(a.shape)} has no batch axis 0")
+            scale = b.abs().max().item() or 1.0
+            difference = (a - b).abs().max().item() / scale
+            if difference > tolerance:
+                raise ValueError(
+                    f"BatchChunked: {type(self.wrapped).__name__} couples the samples of a batch: two samples run "
+                    f"together and apart differ by {difference:.2e} (relative); it cannot be chunked exactly")
+        self._verified[key] = True

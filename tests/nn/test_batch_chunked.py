@@ -1,0 +1,59 @@
+"""BatchChunked: exact outputs and gradients, memory of one chunk, refusals (NOTE [Batch-chunked recompute])."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import convmem
+from _compare import assert_same_step
+from convmem.nn.batch_chunked import BatchChunked
+from convmem.profile.estimate import estimate_step
+
+
+def _block() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(3, 8, 5, stride=2, padding=2), nn.GroupNorm(2, 8), nn.GELU(),
+                         nn.Conv1d(8, 3, 3, padding=1)).double()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+def test_outputs_and_every_gradient_equal_the_untouched_module(chunk):
+    block = _block()
+    x = torch.randn(5, 3, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(chunk))
+    assert_same_step(block, BatchChunked(copy.deepcopy(block), chunk), [x], steps=2)
+
+
+def test_zoo_w2v2_first_layer_is_exact_and_chunks_backward():
+    entry = convmem.zoo.get("w2v2_fe", dtype=torch.float64)
+    chunked = copy.deepcopy(entry.model)
+    chunked.conv_layers[0] = BatchChunked(chunked.conv_layers[0], 1)
+    assert_same_step(entry.model, chunked, entry.inputs, entry.loss_fn, steps=2)
+    assert list(chunked.state_dict()) == list(entry.model.state_dict())
+    assert type(convmem.restore_(chunked).conv_layers[0]).__name__ == "Wav2Vec2ConvLayer"
+
+
+def test_estimate_holds_one_chunk_of_the_block():
+    entry = convmem.zoo.get("w2v2_fe", "default", device="meta")
+    plain = estimate_step(entry.model, entry.inputs, entry.loss_fn)
+    entry.model.conv_layers[0] = BatchChunked(entry.model.conv_layers[0], 1)
+    chunked = estimate_step(entry.model, entry.inputs, entry.loss_fn)
+    assert chunked.peak_bytes < 0.8 * plain.peak_bytes
+
+
+def test_refuses_what_couples_samples():
+    with pytest.raises(ValueError, match="BatchNorm in train mode"):
+        BatchChunked(nn.Sequential(nn.Conv1d(2, 2, 3), nn.BatchNorm1d(2)), 1)
+    with pytest.raises(ValueError, match="Dropout"):
+        BatchChunked(nn.Sequential(nn.Conv1d(2, 2, 3), nn.Dropout(0.1)), 1)
+    BatchChunked(nn.Sequential(nn.Conv1d(2, 2, 3), nn.BatchNorm1d(2)).eval(), 1)  # eval: per sample
+
+    class MeanOverBatch(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    chunked = BatchChunked(nn.Sequential(nn.Conv1d(2, 2, 3), MeanOverBatch()), 1)
+    with pytest.raises(ValueError, match="couples the samples"):
+        chunked(torch.randn(4, 2, 9, requires_grad=True))
+    with pytest.raises(ValueError, match="positive int"):
+        BatchChunked(_block(), 0)
