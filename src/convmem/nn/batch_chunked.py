@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._wrapper import ModuleWrapper
+from .tiled import _autocast_context, _autocast_state
 
 __all__ = ["BatchChunked"]
 
@@ -68,7 +69,7 @@ class _Chunked(torch.autograd.Function):
         chunk = wrapper.batch_chunk
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
         grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
-        autocast = (torch.autocast(**ctx.autocast) if ctx.autocast is not None else torch.autocast("cpu", enabled=False))
+        autocast = _autocast_context(ctx.autocast)  # as in forward, simulated on meta: NOTE [Tiled autograd]
         for start in range(0, x.shape[0], chunk):
             stop = min(start + chunk, x.shape[0])
             with torch.enable_grad(), autocast:
@@ -87,12 +88,6 @@ class _Chunked(torch.autograd.Function):
                 if g is not None:
                     grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
         return (None, grad_x, *grad_params)
-
-
-def _autocast_state(device_type: str) -> Optional[Dict[str, Any]]:
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return None
-    return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type)}
 
 
 class BatchChunked(ModuleWrapper):
