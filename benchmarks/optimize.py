@@ -32,6 +32,7 @@ import harness  # noqa: E402
 from strategies import Prepared  # noqa: E402
 
 from convmem import InfeasibleBudget, optimize_, zoo  # noqa: E402
+from convmem.plan.costs import OPTIONS  # noqa: E402
 from convmem.cli import environment  # noqa: E402
 
 COMPILE_OPTIONS = ("selective", "checkpoint")
@@ -114,7 +115,7 @@ def bench_model(name, args, base, out_csv, deadline):
         del entry
         _cleanup()
 
-    full = ("selective", "checkpoint", "tile", "offload")
+    full = OPTIONS  # every exact option
     for share in args.budgets + args.sweep:
         if time.time() > deadline:
             print(f"[optimize] time budget spent; skipping the rest of {name}", flush=True)

@@ -29,7 +29,7 @@ from .._units import format_bytes, parse_bytes
 from ..nn._wrapper import ModuleWrapper, restore_
 from ..plan.costs import LOSSY_OPTIONS, OPTIONS, ChainCosts, chain_costs
 from ..plan.plan import Plan, PlanSegment, apply_, structure_of
-from ..plan.solver import min_peak, solve
+from ..plan.solver import ChainProblem, min_peak, solve
 from ..profile.estimate import estimate_step, to_meta
 from ..profile.step import LossFn
 from ._common import ConfigDict, check_model
@@ -244,6 +244,12 @@ def optimize_(
             restore_(model)
         if smallest is None or peak < smallest:
             smallest, best = peak, plan
+    if smallest is None or eager_peak < smallest:
+        # On small inputs fixed costs (a tile's windows, a wrapper's buffers) can outweigh what an
+        # option saves: then the least peak is the untouched step's, with every block kept.
+        keep = [c for c in problem.choices if c.option == "keep"]
+        smallest, best = eager_peak, make(min_peak(ChainProblem(problem.n_items, problem.base, keep,
+                                                                problem.forward_base)))
     lossy_min = _lossy_min(costs, config.allow, plan_length)
     if config.lossy:
         lossy_text = ""
