@@ -35,7 +35,7 @@ from ..nn.batch_chunked import BatchChunked, coupling_module
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..profile.estimate import estimate_step, meta_clone, to_meta
-from ..profile.recorder import ModuleCall
+from ..profile.recorder import ModuleCall, inclusive_kept
 from ..profile.step import LossFn
 from ..strategies._blocks import find_blocks, find_chain, is_plain_sequential
 from ..strategies._common import swap_modules
@@ -252,14 +252,10 @@ def _kept_by_forward_end(plain, option, calls: Dict[str, ModuleCall], names: Seq
     bytes there between the untouched step and the step with the option on every block, shared
     among the blocks by what they keep untouched.
     """
-    kept = {n: _inclusive_kept(calls[n]) for n in names}
+    kept = {n: inclusive_kept(calls[n]) for n in names}
     total = sum(kept.values()) or 1
     saving = max(0, _forward_end(plain) - _forward_end(option))
     return {n: max(0, kept[n] - saving * kept[n] // total) for n in names}
-
-
-def _inclusive_kept(call: ModuleCall) -> int:
-    return call.kept_bytes + sum(_inclusive_kept(c) for c in call.children)
 
 
 def _largest_output(call: ModuleCall) -> int:
@@ -332,7 +328,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, lambda m: Checkpointed(m, "full")))
     if est is None:
         raise RuntimeError(f"optimize_: cannot estimate {type(model).__name__} with its blocks checkpointed")
-    kept_ckpt = {n: _inclusive_kept(c) for n, c in _first_calls(est.calls).items() if n in names}
+    kept_ckpt = {n: inclusive_kept(c) for n, c in _first_calls(est.calls).items() if n in names}
     option_estimates["checkpoint"] = est
 
     items = []
@@ -341,7 +337,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
         items.append(ItemCost(
             name=n, input_bytes=kept_ckpt.get(n, 0), output_bytes=call.output_bytes,
             largest_activation=max((_largest_output(c) for c in call.children), default=0),
-            kept_keep=_inclusive_kept(call), kept_selective=kept_sel.get(n), kept_checkpoint=kept_ckpt.get(n, 0),
+            kept_keep=inclusive_kept(call), kept_selective=kept_sel.get(n), kept_checkpoint=kept_ckpt.get(n, 0),
             forward_s=0.0, extra_s={}, length=_elem_length(call), kept_bf16=kept_bf16.get(n),
             chunkable="chunk" in allow and coupling_module(model.get_submodule(n)) is None,
         ))
@@ -418,7 +414,7 @@ def _tile_options(model, meta_inputs, loss_fn, autocast, items: List[ItemCost], 
         call = _first_calls(est.calls).get(chain)
         if call is None:
             return
-        chain_tiles.append([t, chunk, _inclusive_kept(call), est.peak_bytes, 0.0])
+        chain_tiles.append([t, chunk, inclusive_kept(call), est.peak_bytes, 0.0])
 
 
 # Roofline stand-ins when there is no GPU to time on (NOTE [Measured option costs]): a forward that

@@ -66,6 +66,11 @@ class ModuleCall:
         return self.name if self.call_index == 0 else f"{self.name}#{self.call_index + 1}"
 
 
+def inclusive_kept(call: ModuleCall) -> int:
+    """Bytes `call` and every call nested in it keep for backward."""
+    return call.kept_bytes + sum(inclusive_kept(child) for child in call.children)
+
+
 def tensors_in(value: Any) -> List[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..nn.checkpointed import POLICIES, Checkpointed, resolve_policy
 from ..profile.estimate import estimate_step
-from ..profile.recorder import ModuleCall
+from ..profile.recorder import inclusive_kept
 from ._blocks import find_blocks, find_chain, is_plain_sequential
 from ._common import (
     ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped, wrappable,
@@ -227,7 +227,7 @@ def _plan_chains(model: nn.Module, names: List[str], inputs: Tuple[Any, ...]) ->
         call = next((c for c in estimate.calls if c.name == chain and c.call_index == 0), None)
         if call is None or len(call.children) != len(model.get_submodule(chain)):
             continue  # the chain did not run on the example inputs: its blocks stay one per segment
-        kept = [_inclusive_kept(child) for child in call.children]
+        kept = [inclusive_kept(child) for child in call.children]
         item_inputs = [0] + [child.output_bytes for child in call.children[:-1]]
         segments = plan_segments(kept, item_inputs)
         if _segment_cost(kept, item_inputs, segments) > _SEGMENTS_PAY * _segment_cost(kept, item_inputs, (1,) * len(kept)):
@@ -254,7 +254,3 @@ def _segment_cost(kept: Sequence[int], inputs: Sequence[int], segments: Sequence
         prefix += inputs[start]
         start += size
     return max(peak, prefix)
-
-
-def _inclusive_kept(call: ModuleCall) -> int:
-    return call.kept_bytes + sum(_inclusive_kept(child) for child in call.children)
