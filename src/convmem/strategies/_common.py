@@ -73,6 +73,17 @@ def module_aliases(model: nn.Module) -> Dict[int, List[str]]:
     return names
 
 
+def filter_selected(model: nn.Module, filter_fn: FilterFn, strategy: str) -> List[str]:
+    """The modules ``filter_fn(module, fqn)`` picks, the outermost of nested picks only; a warning
+    naming the model when it picks none (the caller then leaves the model unchanged)."""
+    names = [name for name, module in model.named_modules() if filter_fn(module, name)]
+    names = [n for n in names if not any(n.startswith(o + ".") or (o == "" and n) for o in names if o != n)]
+    if not names:
+        warnings.warn(f"{strategy}: filter_fn selected no module of {type(model).__name__}; the model is unchanged",
+                      stacklevel=4)
+    return names
+
+
 def wrappable(model: nn.Module, names: List[str], wrapper: type, done: str,
               inside: str) -> Tuple[List[str], Dict[str, str]]:
     """Split `names` into those a strategy can wrap in `wrapper` and {name: why not} (DESIGN.md,

@@ -44,7 +44,8 @@ from ..profile.estimate import estimate_step
 from ..profile.recorder import inclusive_kept
 from ._blocks import find_blocks, find_chain, is_plain_sequential
 from ._common import (
-    ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, swap_modules, warn_skipped, wrappable,
+    ConfigDict, FilterFn, as_inputs, check_filter_fn, check_model, filter_selected, swap_modules, warn_skipped,
+    wrappable,
 )
 
 __all__ = ["CheckpointConfig", "checkpoint_", "plan_segments"]
@@ -168,14 +169,8 @@ def _select(
     chain without blocks; None (after a warning) when there are none."""
     model_name = type(model).__name__
     if filter_fn is not None:
-        names = [name for name, module in model.named_modules() if filter_fn(module, name)]
-        names = [n for n in names if not any(n.startswith(o + ".") or (o == "" and n) for o in names if o != n)]
-        if not names:
-            warnings.warn(
-                f"{_STRATEGY}: filter_fn selected no module of {model_name}; the model is unchanged", stacklevel=3
-            )
-            return None
-        return names, False
+        names = filter_selected(model, filter_fn, _STRATEGY)
+        return (names, False) if names else None
     names = find_blocks(model)
     if names:
         return names, False

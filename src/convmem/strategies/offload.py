@@ -20,7 +20,9 @@ from torch import nn
 
 from ..nn.offloaded import DEFAULT_MIN_BYTES, OffloadGroup, Offloaded, check_min_bytes, check_prefetch
 from ._blocks import find_blocks
-from ._common import ConfigDict, FilterFn, check_filter_fn, check_model, swap_modules, warn_skipped, wrappable
+from ._common import (
+    ConfigDict, FilterFn, check_filter_fn, check_model, filter_selected, swap_modules, warn_skipped, wrappable,
+)
 
 __all__ = ["OffloadConfig", "offload_"]
 
@@ -100,19 +102,12 @@ def offload_(
 
 def _select(model: nn.Module, filter_fn: Optional[FilterFn]) -> Optional[List[str]]:
     """Names of the modules to offload (outermost only); None (after a warning) when there are none."""
-    model_name = type(model).__name__
     if filter_fn is not None:
-        names = [name for name, module in model.named_modules() if filter_fn(module, name)]
-        names = [n for n in names if not any(n.startswith(o + ".") or (o == "" and n) for o in names if o != n)]
-        if not names:
-            warnings.warn(
-                f"{_STRATEGY}: filter_fn selected no module of {model_name}; the model is unchanged", stacklevel=3
-            )
-        return names or None
+        return filter_selected(model, filter_fn, _STRATEGY) or None
     names = find_blocks(model)
     if not names:
         warnings.warn(
-            f"{_STRATEGY}: found no repeated blocks in {model_name} (NOTE [Repeated blocks] in "
+            f"{_STRATEGY}: found no repeated blocks in {type(model).__name__} (NOTE [Repeated blocks] in "
             "convmem/strategies/_blocks.py); pass filter_fn=... to choose modules; the model is unchanged",
             stacklevel=3,
         )
