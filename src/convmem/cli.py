@@ -18,6 +18,7 @@ from torch import nn
 
 from . import zoo
 from ._units import format_bytes, parse_bytes
+from .plan.costs import OPTIONS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -343,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--input", action="append", default=[], help="your model: input shape such as 8x1x160000")
     opt.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     opt.add_argument("--autocast", choices=sorted(AUTOCAST), help="plan the step under CUDA autocast")
-    opt.add_argument("--allow", default="selective,checkpoint,tile,offload,chunk",
+    opt.add_argument("--allow", default=",".join(OPTIONS),
                      help="options the planner may use, comma-separated (default: all exact ones)")
     opt.add_argument("--device", help="cuda (measures before and after), meta (plans from the estimate, allocates "
                                       "nothing) or cpu; default: cuda if there is a GPU, else meta")

@@ -103,14 +103,11 @@ def _tiles_scaled(plan: Plan, length: int) -> Plan:
 def lossy_error(name: str, plan: Plan, seed: int = 0) -> float:
     """A lossy plan's relative gradient error (L2, all gradients) on zoo model `name` at size "small"
     in float64 on the CPU: NOTE [Saved tensors in low precision] in nn/saved_precision.py."""
-    from .nn.saved_precision import gradient_error
+    from .strategies.optimize import step_gradient_error
 
     entry = zoo.get(name, "small", dtype=torch.float64, seed=seed)
     optimized = apply_(copy.deepcopy(entry.model), plan)
-    expected = _step(entry.model, entry.inputs, entry.loss_fn, seed)
-    actual = _step(optimized, entry.inputs, entry.loss_fn, seed)
-    grads = [k for k in expected if k != "output" and expected[k] is not None and expected[k].is_floating_point()]
-    return gradient_error({k: expected[k] for k in grads}, {k: actual.get(k) for k in grads})
+    return step_gradient_error(entry.model, optimized, entry.inputs, entry.loss_fn, None)
 
 
 def _step(model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn, seed: int) -> Dict[str, Optional[torch.Tensor]]:

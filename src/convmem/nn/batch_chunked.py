@@ -27,13 +27,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._wrapper import ModuleWrapper
-from .tiled import _autocast_context, _autocast_state
+from .tiled import _autocast_context, _autocast_state, _tolerance
 
 __all__ = ["BatchChunked"]
-
-_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-_TOLERANCE_CUDA_FLOAT32 = 2e-3  # TF32 convolutions (cuDNN's default)
-
 
 def coupling_module(module: nn.Module) -> Optional[Tuple[str, str]]:
     """``(qualified name, reason)`` of a submodule that couples the samples of a batch, or None."""
@@ -147,9 +143,7 @@ class BatchChunked(ModuleWrapper):
             apart = [torch.cat(parts) for parts in zip(*[
                 [t for t in tree_flatten(self.wrapped(pair[i:i + 1]))[0] if isinstance(t, torch.Tensor)] for i in range(2)
             ])]
-        tolerance = _TOLERANCE.get(x.dtype, 1e-4)
-        if x.is_cuda and x.dtype == torch.float32:
-            tolerance = max(tolerance, _TOLERANCE_CUDA_FLOAT32)
+        tolerance = _tolerance(x)  # Tiled's: NOTE [Verify before use]
         for a, b in zip(together, apart):
             if a.shape != b.shape or a.shape[0] != 2:
                 raise ValueError(f"BatchChunked: an output of shape {tuple(a.shape)} has no batch axis 0")

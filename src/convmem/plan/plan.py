@@ -82,9 +82,6 @@ class Plan:
     costs: Optional[ChainCosts] = None
 
     # ------------------------------------------------------------------ what it says
-    def option_of(self, index: int) -> PlanSegment:
-        return next(s for s in self.segments if s.start <= index < s.stop)
-
     def explain(self) -> str:
         """Per block: the choice, kept bytes before and after, predicted extra time; then the peaks."""
         lines = [f"convmem plan for {self.model} (input length {self.length}, budget {format_bytes(self.budget_bytes)})"]

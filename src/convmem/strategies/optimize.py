@@ -206,7 +206,7 @@ def optimize_(
         """NOTE [Saved tensors in low precision]: measure what a lossy plan does to the gradients."""
         if reference is not None and any(s.option in LOSSY_OPTIONS for s in plan.segments):
             say("measuring the gradient error of the lossy plan")
-            plan.lossy_gradient_error = _gradient_error(reference, model, inputs, loss_fn, autocast)
+            plan.lossy_gradient_error = step_gradient_error(reference, model, inputs, loss_fn, autocast)
         return plan
 
     solver_budget = target
@@ -284,7 +284,7 @@ def _on_meta(inputs) -> bool:
     return any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs)
 
 
-def _gradient_error(reference: nn.Module, model: nn.Module, inputs, loss_fn, autocast) -> float:
+def step_gradient_error(reference: nn.Module, model: nn.Module, inputs, loss_fn, autocast) -> float:
     """Relative L2 error of `model`'s parameter and input gradients against `reference`'s,
     one training step on `inputs` each; both models come back as they were."""
     from ..nn.saved_precision import gradient_error
