@@ -159,10 +159,10 @@ def optimize_(
         raise ValueError(f"{_STRATEGY}: length must be a positive int, got {length!r}")
     parse_budget(budget, 1 << 40)  # a budget that cannot be read fails before any profiling
     say = _progress(progress)
+    allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
 
     if costs is None:
-        costs = chain_costs(model, inputs, loss_fn, config.allow + (LOSSY_OPTIONS if config.lossy else ()), autocast,
-                            measure_times=measure, progress=say)
+        costs = chain_costs(model, inputs, loss_fn, allowed, autocast, measure_times=measure, progress=say)
     if not costs.items:
         raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks]); "
                          "use convmem.checkpoint_(model, filter_fn=...) or convmem.tile_ on chosen modules instead")
@@ -170,7 +170,6 @@ def optimize_(
     scale = costs.scale(plan_length)
     eager_peak = costs.fixed + int((costs.eager_peak - costs.fixed) * scale)
     target = parse_budget(budget, eager_peak)
-    allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
     problem = costs.problem(allowed, plan_length)
     names = [it.name for it in costs.items]
     structure = structure_of(model, names, costs.chain)
