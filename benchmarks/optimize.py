@@ -1,16 +1,30 @@
-"""convmem.optimize_ on every zoo model: budgets as shares of the measured eager peak. GPU machine only.
+"""convmem.optimize_ on every zoo model against the anchors of the same run. GPU machine only.
 
-    python benchmarks/optimize.py OUT_DIR [--models tcn,wavenet] [--budgets 0.5,0.25,0.1]
-                                          [--sweep 0.75,0.35] [--compiled 0.5,0.25] [--budget-s 500]
+    python benchmarks/optimize.py OUT_DIR [--models tcn,wavenet] [--anchors eager_fp32,...]
+        [--budgets 0.75,0.5,0.35,0.25,0.1] [--match eager_fp32,torch_checkpoint_blocks,...]
+        [--bf16 0.5] [--compiled 0.75,0.5] [--budget-s 500]
 
-Per model, in one process on one card: the eager fp32 step (the reference of this run), then a plan
-for each budget (a share of that measured peak) applied to a fresh model and measured the one way
-(`harness.measure_strategy`), then plans restricted to options torch.compile traces (selective,
-checkpoint) run under ``torch.compile``. The planner's option costs are taken once per model (its
-own timing on this card) and reused for every budget (``costs=``). Rows go to
-OUT_DIR/optimize.csv; an infeasible budget is a row with status "infeasible" and the smallest
-feasible budget in its note, and the plan at that smallest budget is measured too
-("convmem_plan_min": the low end of the frontier; --no-floor skips it). `benchmarks/plot.py pareto` draws the plots with the anchors.
+Per model, in one process on one card:
+
+1. the anchors named in ``--anchors`` (benchmarks/strategies.py: eager, bf16 autocast,
+   torch.utils.checkpoint per block, checkpoint_sequential, torch.compile with and without a memory
+   budget), so that every plan is compared with baselines measured minutes apart on the same card;
+2. a plan for each share of the eager fp32 peak in ``--budgets`` (every exact option), and the plan at
+   the smallest feasible budget when one of them is infeasible ("convmem_plan_min", the low end of
+   the frontier; ``--no-floor`` skips it);
+3. a plan *at each anchor in* ``--match``: the budget is 99% of that anchor's measured peak, in the
+   anchor's regime (a torch.compile anchor is met by a plan run under torch.compile, the bf16 autocast
+   anchor by a plan under the same autocast; the rest in eager fp32). Its step time against the
+   anchor's answers "does convmem do better at this anchor's memory?" directly: "convmem_at_<anchor>";
+4. plans under bf16 autocast (``--bf16``, shares of the eager fp32 peak) and plans run under
+   torch.compile (``--compiled``; only the options compile traces: selective, checkpoint), judged by
+   the compiled step's measured peak (``optimize_(..., compiled=True)``).
+
+The planner's option costs are taken once per model and regime (its own timing on this card) and
+reused for every budget (``costs=``). Rows go to OUT_DIR/optimize.csv with a ``regime`` column
+(fp32, bf16, fp32+compile, bf16+compile); an infeasible budget is a row with status "infeasible"
+and the smallest feasible budget in its note. `benchmarks/plot.py` draws the Pareto plots and
+`benchmarks/report.py` the tables, dominance included.
 """
 from __future__ import annotations
 
@@ -29,6 +43,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import harness  # noqa: E402
+import strategies  # noqa: E402
 from strategies import Prepared  # noqa: E402
 
 from convmem import InfeasibleBudget, optimize_, zoo  # noqa: E402
@@ -36,16 +51,26 @@ from convmem.plan.costs import OPTIONS  # noqa: E402
 from convmem.cli import environment  # noqa: E402
 
 COMPILE_OPTIONS = ("selective", "checkpoint")
+FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
+ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
+MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak
 
 
-def _row(base, model, strategy, entry):
-    return dict(base, model=model, strategy=strategy, batch=entry.inputs[0].shape[0],
+def regime_of(anchor: str) -> str:
+    """The regime in which a plan meets `anchor`: torch.compile anchors compiled, bf16 under autocast."""
+    if anchor.startswith("compile"):
+        return "fp32+compile"
+    return "bf16" if "bf16" in anchor else "fp32"
+
+
+def _row(base, model, strategy, entry, regime):
+    return dict(base, model=model, strategy=strategy, regime=regime, batch=entry.inputs[0].shape[0],
                 input_shape="x".join(str(n) for n in entry.inputs[0].shape),
                 time=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
 def _emit(out_csv, row):
-    harness._append(out_csv, row)
+    harness._append(out_csv, row, FIELDS)
     print(harness._line(row), flush=True)
 
 
@@ -54,99 +79,147 @@ def _cleanup():
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     torch._dynamo.reset()
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = 1.0  # the compile anchors set it process-wide
+
+
+def _measure(entry, prepared, row, args, device):
+    row.update(harness.measure_strategy(entry, prepared, args.repeats, device))
+    if row["peak_bytes"] is None:  # off CUDA (a smoke test of this script): the estimate stands in
+        row["peak_bytes"] = harness.estimate_step(entry.model, entry.inputs, entry.loss_fn,
+                                                  autocast_dtype=prepared.autocast_dtype).peak_bytes
+    row["peak_gib"] = round(row["peak_bytes"] / 2**30, 4)
+
+
+def _guarded(row, work):
+    """Run `work()`; a failure is recorded in the row (a failed row is data too)."""
+    try:
+        work()
+    except InfeasibleBudget as error:
+        row["status"] = "infeasible"
+        row["note"] = f"budget {row['budget_bytes']} B; smallest feasible {error.min_bytes} B"
+        return error
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+    except TimeoutError as error:
+        row["status"], row["note"] = "timeout", str(error)
+    except Exception as error:
+        row["status"] = "error"
+        row["note"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        traceback.print_exc()
+    finally:
+        signal.alarm(0)
+    return None
 
 
 def bench_model(name, args, base, out_csv, deadline):
     device = torch.device(args.device)
-    entry = zoo.get(name, size=args.size, device=args.device)
-    row = _row(base, name, "eager_fp32", entry)
-    row.update(harness.measure_strategy(entry, Prepared(entry.model, entry.inputs, entry.loss_fn), args.repeats, device))
-    if row["peak_bytes"] is None:  # off CUDA (a smoke test of this script): the estimate stands in
-        row["peak_bytes"] = harness.estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes
-    row["status"], row["peak_gib"] = "ok", round(row["peak_bytes"] / 2**30, 4)
-    _emit(out_csv, row)
-    eager_peak = row["peak_bytes"]
-    del entry
-    _cleanup()
+    measured = {}  # anchor -> its row, this run
 
-    costs = {}  # allow -> ChainCosts, measured once per model on this card
-    floors = {}  # allow -> the smallest feasible budget an infeasible row named
-
-    def plan_row(share, allow, compiled, budget=None, strategy=None):
-        strategy = strategy or f"convmem_plan_{share:g}" + ("_compiled" if compiled else "")
+    for anchor in args.anchors:
         entry = zoo.get(name, size=args.size, device=args.device)
-        row = _row(base, name, strategy, entry)
-        budget = budget or int(share * eager_peak)
+        row = _row(base, name, anchor, entry, regime_of(anchor))
+
+        def work():
+            prepared = ANCHORS[anchor](entry)
+            if prepared is None:
+                row["status"] = "n/a"
+                return
+            _measure(entry, prepared, row, args, device)
+            row["status"], row["note"] = "ok", prepared.note
+
         signal.alarm(args.row_timeout_s)
-        try:
+        _guarded(row, work)
+        _emit(out_csv, row)
+        if row.get("status") == "ok":
+            measured[anchor] = row
+        del entry
+        _cleanup()
+    if "eager_fp32" not in measured:
+        print(f"[optimize] {name}: no eager fp32 step measured; no plans", flush=True)
+        return
+    eager_peak = measured["eager_fp32"]["peak_bytes"]
+    costs = {}  # (regime, allow) -> ChainCosts, measured once per model on this card
+    floors = {}  # regime -> the smallest feasible budget an infeasible row named
+
+    def plan_row(strategy, budget, regime):
+        compiled, autocast = "compile" in regime, (torch.bfloat16 if "bf16" in regime else None)
+        allow = COMPILE_OPTIONS if compiled else OPTIONS
+        entry = zoo.get(name, size=args.size, device=args.device)
+        row = _row(base, name, strategy, entry, regime)
+        row["budget_bytes"] = budget
+
+        def work():
             began = time.time()
             plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=allow,
-                             costs=costs.get(allow))
-            costs[allow] = plan.costs
+                             autocast=autocast, compiled=compiled, costs=costs.get((regime, allow)))
+            costs[(regime, allow)] = plan.costs
             planned_s = time.time() - began
             forward = torch.compile(entry.model) if compiled else entry.model
-            prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward)
-            row.update(harness.measure_strategy(entry, prepared, args.repeats, device))
-            if row["peak_bytes"] is None:  # off CUDA: the estimate stands in
-                row["peak_bytes"] = plan.estimated_peak_bytes
+            prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, autocast_dtype=autocast, forward=forward)
+            _measure(entry, prepared, row, args, device)
             row["status"] = "ok" if row["peak_bytes"] <= budget else "over"
-            row["peak_gib"] = round(row["peak_bytes"] / 2**30, 4)
             row["estimate_bytes"] = plan.estimated_peak_bytes
             row["estimate_error_pct"] = round((plan.estimated_peak_bytes - row["peak_bytes"]) / row["peak_bytes"] * 100, 2)
             labels = "+".join(f"{s.label}x{s.stop - s.start}" for s in plan.segments)
             row["note"] = (f"budget {budget} B; predicted {plan.predicted_peak_bytes} B, extra "
                            f"{plan.predicted_extra_s * 1e3:.1f} ms ({plan.times}); planned in {planned_s:.0f} s; {labels}")
             print(plan.explain(), flush=True)
-        except InfeasibleBudget as error:
-            row["status"] = "infeasible"
-            row["note"] = f"budget {budget} B; smallest feasible {error.min_bytes} B"
-            floors[allow] = error.min_bytes
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "oom"
-        except TimeoutError as error:
-            row["status"], row["note"] = "timeout", str(error)
-        except Exception as error:  # a failed row is data too
-            row["status"] = "error"
-            row["note"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-            traceback.print_exc()
-        finally:
-            signal.alarm(0)
+
+        signal.alarm(args.row_timeout_s)
+        error = _guarded(row, work)
+        if error is not None:
+            floors[regime] = error.min_bytes
         _emit(out_csv, row)
         del entry
         _cleanup()
 
-    full = OPTIONS  # every exact option
-    for share in args.budgets + args.sweep:
+    jobs = [(f"convmem_plan_{share:g}", int(share * eager_peak), "fp32") for share in args.budgets]
+    jobs += [(f"convmem_at_{anchor}", int(MATCH_SHARE * measured[anchor]["peak_bytes"]), regime_of(anchor))
+             for anchor in args.match if anchor in measured]
+    jobs += [(f"convmem_plan_{share:g}_bf16", int(share * eager_peak), "bf16") for share in args.bf16]
+    jobs += [(f"convmem_plan_{share:g}_compiled", int(share * eager_peak), "fp32+compile") for share in args.compiled]
+    for index, (strategy, budget, regime) in enumerate(jobs):
         if time.time() > deadline:
             print(f"[optimize] time budget spent; skipping the rest of {name}", flush=True)
             return
-        plan_row(share, full, compiled=False)
-    if args.floor and full in floors and time.time() < deadline:
-        # The least memory the planner reaches: a point of the frontier no share above gives.
-        plan_row(floors[full] / eager_peak, full, compiled=False, budget=floors[full], strategy="convmem_plan_min")
-    for share in args.compiled:
-        if time.time() > deadline:
-            return
-        plan_row(share, COMPILE_OPTIONS, compiled=True)
+        plan_row(strategy, budget, regime)
+        if index == len(args.budgets) - 1 and args.floor and "fp32" in floors:
+            # The least memory the planner reaches: a point of the frontier no share above gives.
+            plan_row("convmem_plan_min", floors["fp32"], "fp32")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--models", default=",".join(zoo.names()))
-    parser.add_argument("--budgets", default="0.5,0.25,0.1")
-    parser.add_argument("--sweep", default="0.75,0.35")
-    parser.add_argument("--compiled", default="0.5,0.25")
+    parser.add_argument("--anchors", default=",".join(strategies.ANCHORS),
+                        help=f"anchors to measure first, from {', '.join(ANCHORS)}")
+    parser.add_argument("--budgets", default="0.75,0.5,0.35,0.25,0.1")
+    parser.add_argument("--match", default="", help="anchors to plan at (99%% of their peak, in their regime)")
+    parser.add_argument("--bf16", default="", help="shares of the eager fp32 peak, planned under bf16 autocast")
+    parser.add_argument("--compiled", default="", help="shares of the eager fp32 peak, planned for torch.compile")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the plan at the smallest feasible budget (run when some budget is infeasible)")
     parser.add_argument("--size", default="default", help="zoo size; 'small' with --device cpu smoke-tests the script")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--row-timeout-s", type=int, default=150)
-    parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting models after this")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting rows after this")
     args = parser.parse_args(argv)
     floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
-    args.budgets, args.sweep, args.compiled = floats(args.budgets), floats(args.sweep), floats(args.compiled)
+    names = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    args.budgets, args.bf16, args.compiled = floats(args.budgets), floats(args.bf16), floats(args.compiled)
+    args.anchors, args.match = names(args.anchors), names(args.match)
+    unknown = [a for a in args.anchors + args.match if a not in ANCHORS]
+    if unknown:
+        parser.error(f"unknown anchors {unknown}; the anchors are {list(ANCHORS)}")
+    if "eager_fp32" not in args.anchors:
+        args.anchors.insert(0, "eager_fp32")  # every share is of the eager peak of this run
+    missing = [a for a in args.match if a not in args.anchors]
+    if missing:
+        parser.error(f"--match {missing}: measure them too (--anchors)")
 
     def _timeout(signum, frame):
         raise TimeoutError(f"row ran over {args.row_timeout_s} s")

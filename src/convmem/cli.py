@@ -202,7 +202,7 @@ def cmd_optimize(args) -> int:
             torch.cuda.empty_cache()
     try:
         plan = optimize_(model, *inputs, budget=budget, loss_fn=loss_fn, allow=allow, autocast=autocast,
-                         lossy=args.lossy, progress=True)
+                         lossy=args.lossy, compiled=args.compile, progress=True)
     except InfeasibleBudget as error:
         print(f"convmem: error: {error}", file=sys.stderr)
         print(f"convmem: the smallest feasible budget is {_format_budget(error.min_bytes)}: try --budget "
@@ -350,6 +350,8 @@ def parser() -> argparse.ArgumentParser:
                                       "nothing) or cpu; default: cuda if there is a GPU, else meta")
     opt.add_argument("--lossy", action="store_true",
                      help="also allow bfloat16 saved activations per block (gradients change, outputs do not)")
+    opt.add_argument("--compile", action="store_true",
+                     help="the model will train under torch.compile: on a GPU, judge the plan by the compiled step")
     opt.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip the exact-gradient check on a small float64 copy (zoo models)")
     opt.add_argument("--json", action="store_true", help="print the plan as JSON (Plan.to_dict) and nothing else")

@@ -245,3 +245,22 @@ def test_forward_passes_keyword_arguments():
     x.grad = scale.grad = None
     gate(x, scale=scale).sum().backward()
     assert torch.equal(grads[0], x.grad) and torch.equal(grads[1], scale.grad)
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_the_estimate_recomputes_under_simulated_autocast(policy):
+    # NOTE [Simulated autocast]: on meta tensors torch.utils.checkpoint cannot re-enter CUDA
+    # autocast, so the recompute must re-enter the simulated one: else it would run in fp32 on the
+    # bf16 tensors the forward saved (a dtype error), or count fp32 activations.
+    from convmem.profile import estimate_step
+
+    torch.manual_seed(0)
+    blocks = [TCNBlock(32, 3, d) for d in (1, 2, 4)]
+    x = torch.randn(2, 32, 4096)
+    peaks = {}
+    for dtype in (None, torch.bfloat16):
+        model = nn.Sequential(*(Checkpointed(b, policy) for b in copy.deepcopy(blocks)))
+        peaks[dtype] = estimate_step(model, (x,), autocast_dtype=dtype).peak_bytes
+    plain = estimate_step(nn.Sequential(*copy.deepcopy(blocks)), (x,), autocast_dtype=torch.bfloat16).peak_bytes
+    assert peaks[torch.bfloat16] < peaks[None]
+    assert peaks[torch.bfloat16] < plain

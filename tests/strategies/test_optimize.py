@@ -153,6 +153,36 @@ def test_a_budget_met_by_a_returned_plan_is_accepted():
     assert again.estimated_peak_bytes <= met
 
 
+def test_compiled_plans_are_judged_by_the_compiled_step(monkeypatch):
+    # NOTE [Plans for compiled models]: where the compiled step goes over the budget, optimize_ must
+    # solve again below it, judging by the compiled measurement and never by the eager one. The GPU
+    # measurement is stood in for: the first compiled plan "measures" a tenth over the budget.
+    from convmem.strategies import optimize as module
+
+    entry = small("tcn", **TINY["tcn"])
+    eager = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=0.8, loss_fn=entry.loss_fn, allow=EXACT,
+                      measure=False)
+    budget = eager.budget_bytes
+    measured = []
+
+    def fake_compiled(model, inputs, loss_fn, autocast, plan, say):
+        over = budget + budget // 10 if not measured else plan.estimated_peak_bytes
+        measured.append(over)
+        plan.measured_peak_bytes, plan.measured_step_s, plan.measured_compiled = over, 1.0, True
+
+    def no_eager(*args):
+        raise AssertionError("a compiled plan must not be judged by the eager step")
+
+    monkeypatch.setattr(module, "_on_cuda", lambda model, inputs: True)
+    monkeypatch.setattr(module, "_measure_compiled", fake_compiled)
+    monkeypatch.setattr(module, "_measure", no_eager)
+    plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    assert len(measured) == 2, "the plan over the budget when compiled must be replaced"
+    assert plan.measured_compiled and plan.measured_peak_bytes <= budget
+    assert plan.predicted_peak_bytes < eager.predicted_peak_bytes
+    assert "measured under torch.compile" in plan.explain()
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_budget_below_the_minimum_names_the_smallest_feasible_one():
     entry = small("tcn", **TINY["tcn"])
@@ -241,6 +271,8 @@ def test_other_arguments_are_checked():
         optimize_(entry.model, budget=0.5)
     with pytest.raises(TypeError, match="lossy"):
         optimize_(entry.model, *entry.inputs, budget=0.5, lossy="yes")
+    with pytest.raises(TypeError, match="compiled"):
+        optimize_(entry.model, *entry.inputs, budget=0.5, compiled="yes")
     for length in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="length"):
             optimize_(entry.model, *entry.inputs, budget=0.5, length=length)

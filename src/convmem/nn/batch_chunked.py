@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..profile.autocast_sim import autocast_region, autocast_state
 from ._wrapper import ModuleWrapper
-from .tiled import _autocast_context, _autocast_state, _tolerance
+from .tiled import _tolerance
 
 __all__ = ["BatchChunked"]
 
@@ -48,7 +49,7 @@ class _Chunked(torch.autograd.Function):
     def forward(ctx, wrapper: "BatchChunked", x: torch.Tensor, *params: torch.Tensor):
         ctx.wrapper = wrapper
         ctx.save_for_backward(x)
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         with torch.no_grad():
             out = wrapper.wrapped(x)
         flat, spec = tree_flatten(out)
@@ -65,7 +66,7 @@ class _Chunked(torch.autograd.Function):
         chunk = wrapper.batch_chunk
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
         grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
-        autocast = _autocast_context(ctx.autocast)  # as in forward, simulated on meta: NOTE [Tiled autograd]
+        autocast = autocast_region(ctx.autocast)  # as in forward, simulated on meta: NOTE [Tiled autograd]
         for start in range(0, x.shape[0], chunk):
             stop = min(start + chunk, x.shape[0])
             with torch.enable_grad(), autocast:

@@ -106,7 +106,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..profile.autocast_sim import SimulatedAutocast
+from ..profile.autocast_sim import SimulatedAutocast, autocast_region, autocast_state
 from ..profile.estimate import meta_clone, to_meta
 from ..profile.recorder import tensors_in
 from ._wrapper import ModuleWrapper
@@ -232,10 +232,11 @@ class Checkpointed(ModuleWrapper):
         keep = self._kept_ops(module, index, args, kwargs) if self.policy == "selective" else None
         modules = list(module.modules())
         has_buffers = any(b is not None for m in modules for b in m._buffers.values())
-        if keep is None and not has_buffers:
+        simulated = _simulated_autocast(args)
+        if keep is None and not has_buffers and simulated is None:
             context_fn = noop_context_fn
         else:
-            context_fn = functools.partial(_contexts, modules if has_buffers else None, keep)
+            context_fn = functools.partial(_contexts, modules if has_buffers else None, keep, simulated)
         return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **kwargs)
 
     def _kept_ops(self, module: nn.Module, index: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
@@ -352,10 +353,19 @@ def _changed(now: Optional[torch.Tensor], before: torch.Tensor, copy: torch.Tens
     return now is not before or before.is_meta or not torch.equal(before, copy)
 
 
-def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...]]):
+def _simulated_autocast(args: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
+    """The estimate's simulated CUDA autocast, if it is on (meta tensors): torch.utils.checkpoint
+    re-enters a real autocast region in the recompute, never this one (NOTE [Simulated autocast])."""
+    tensors = tensors_in(args)
+    state = autocast_state(tensors[0].device.type) if tensors else None
+    return state if state is not None and "simulated" in state else None
+
+
+def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...]],
+              simulated: Optional[Dict[str, Any]] = None):
     """checkpoint's ``context_fn``: the contexts of the first forward and of the recompute."""
     forward: List[ContextManager] = []
-    recompute: List[ContextManager] = []
+    recompute: List[ContextManager] = [autocast_region(simulated)] if simulated is not None else []
     if modules is not None:
         first_forward = _FirstForward(modules)
         forward.append(first_forward)

@@ -73,7 +73,7 @@ from ..analysis.receptive_field import (
     ReceptiveField, analyse, batch_of_one, buffers_kept, known_refusal, probe, probe_length,
 )
 from ..analysis.windows import Window, plan_windows
-from ..profile.autocast_sim import SimulatedAutocast
+from ..profile.autocast_sim import autocast_region, autocast_state
 from ._wrapper import ModuleWrapper
 
 __all__ = ["Tiled", "check_batch_chunk", "check_forward_tile_length", "check_tile_length", "check_tiling"]
@@ -244,30 +244,6 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _autocast_state(device_type: str) -> Optional[Dict[str, Any]]:
-    if not torch.amp.is_autocast_available(device_type):
-        # The meta device of convmem.profile's estimate, where CUDA autocast is simulated by a
-        # function mode that backward re-enters as CUDA's would be (NOTE [Tiled autograd]).
-        modes = torch.overrides._get_current_function_mode_stack()
-        simulated = [m for m in modes if isinstance(m, SimulatedAutocast)]
-        return {"simulated": simulated[-1].dtype} if simulated else None
-    return {
-        "device_type": device_type,
-        "enabled": torch.is_autocast_enabled(device_type),
-        "dtype": torch.get_autocast_dtype(device_type),
-        "cache_enabled": torch.is_autocast_cache_enabled(),
-    }
-
-
-def _autocast_context(state: Optional[Dict[str, Any]]) -> contextlib.AbstractContextManager:
-    """Autocast as `_autocast_state` found it in forward (a fresh region: casts are cached anew)."""
-    if state is None:
-        return contextlib.nullcontext()
-    if "simulated" in state:
-        return SimulatedAutocast(state["simulated"])
-    return torch.autocast(**state)
-
-
 class _TiledFunction(torch.autograd.Function):
     """See NOTE [Tiled autograd]. Inputs: runner, x, tensor arguments needing grad, parameters."""
 
@@ -275,7 +251,7 @@ class _TiledFunction(torch.autograd.Function):
     def forward(ctx, runner: _Runner, x: torch.Tensor, *tensors: torch.Tensor):
         extra = len(runner.grad_index)
         ctx.runner = runner
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, *tensors[:extra])
         return runner.forward(x, tensors[:extra])
@@ -294,7 +270,7 @@ class _TiledFunction(torch.autograd.Function):
         grad_params: List[Optional[torch.Tensor]] = [None] * len(runner.params)
         batch = x.shape[0]
         chunk = batch if runner.batch_chunk is None else min(runner.batch_chunk, batch)
-        autocast = _autocast_context(ctx.autocast)
+        autocast = autocast_region(ctx.autocast)
         with torch.enable_grad(), autocast:
             starts = range(0, batch, chunk) if chunk < batch else (0,)
             for w, b in ((w, b) for w in runner.windows for b in starts):

@@ -74,6 +74,7 @@ class Plan:
     estimated_peak_bytes: Optional[int] = None  # estimate of the optimized model (convmem.profile)
     measured_peak_bytes: Optional[int] = None  # on a GPU, after applying
     measured_step_s: Optional[float] = None
+    measured_compiled: bool = False  # the measurement ran under torch.compile
     eager_measured_peak_bytes: Optional[int] = None
     eager_step_s: Optional[float] = None
     lossy_gradient_error: Optional[float] = None  # lossy options: relative L2 error of all gradients, measured
@@ -110,7 +111,8 @@ class Plan:
         if self.measured_peak_bytes is not None:
             eager = (f" (untouched {format_bytes(self.eager_measured_peak_bytes)}, {self.eager_step_s * 1e3:.1f} ms)"
                      if self.eager_measured_peak_bytes is not None and self.eager_step_s is not None else "")
-            lines.append(f"  measured: peak {format_bytes(self.measured_peak_bytes)}, step "
+            how = " under torch.compile" if self.measured_compiled else ""
+            lines.append(f"  measured{how}: peak {format_bytes(self.measured_peak_bytes)}, step "
                          f"{self.measured_step_s * 1e3:.1f} ms{eager}")
         return "\n".join(lines)
 

@@ -7,11 +7,15 @@
 # autocast casts: conv and matmul inputs go to the low-precision dtype (weights through a cache,
 # as autocast caches casts of leaf parameters for the whole region), norms, losses and
 # reductions that autocast runs in fp32 get fp32 inputs, and the "promote" ops cast to the widest
-# input. Autograd then saves the cast copies, as it does under real autocast.
+# input. Autograd then saves the cast copies, as it does under real autocast. A recompute in
+# backward (checkpointing, tiling) runs after the forward's region has ended: like
+# torch.utils.checkpoint with real autocast, it captures the state in forward (`autocast_state`)
+# and enters it again around the recompute (`autocast_region`), simulated on meta as on a GPU.
 """
 from __future__ import annotations
 
-from typing import Dict
+import contextlib
+from typing import Any, Dict, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -94,3 +98,29 @@ def _flat_tensors(args):
             yield a
         elif isinstance(a, (list, tuple)):
             yield from _flat_tensors(a)
+
+
+def autocast_state(device_type: str) -> Optional[Dict[str, Any]]:
+    """Autocast as it is now for `device_type`, for code that recomputes in backward (where the
+    forward's autocast region is over) to enter the same again with `autocast_region`."""
+    if not torch.amp.is_autocast_available(device_type):
+        # The meta device of convmem.profile's estimate, where CUDA autocast is simulated by a
+        # function mode that a recompute re-enters as it would CUDA's (NOTE [Simulated autocast]).
+        modes = torch.overrides._get_current_function_mode_stack()
+        simulated = [m for m in modes if isinstance(m, SimulatedAutocast)]
+        return {"simulated": simulated[-1].dtype} if simulated else None
+    return {
+        "device_type": device_type,
+        "enabled": torch.is_autocast_enabled(device_type),
+        "dtype": torch.get_autocast_dtype(device_type),
+        "cache_enabled": torch.is_autocast_cache_enabled(),
+    }
+
+
+def autocast_region(state: Optional[Dict[str, Any]]) -> contextlib.AbstractContextManager:
+    """Autocast as `autocast_state` found it in forward (a fresh region: casts are cached anew)."""
+    if state is None:
+        return contextlib.nullcontext()
+    if "simulated" in state:
+        return SimulatedAutocast(state["simulated"])
+    return torch.autocast(**state)

@@ -116,6 +116,7 @@ def optimize_(
     length: Optional[int] = None,
     measure: Optional[bool] = None,
     costs: Optional[ChainCosts] = None,
+    compiled: bool = False,
     progress: Union[bool, Callable[[str], None]] = False,
 ) -> Plan:
     """Choose, per block of `model`, keep / selective / checkpoint / tile / offload so that a training
@@ -138,6 +139,8 @@ def optimize_(
             NOTE [Measured option costs]); the plan is then not applied (the model stays as it is).
         measure: on a GPU, time each option (default) and measure the optimized step.
         costs: costs from an earlier plan (``plan.costs``) to re-plan without profiling again.
+        compiled: the model will train under ``torch.compile``: on a GPU, measure (and judge the
+            budget by) the compiled step instead of the eager one (NOTE [Plans for compiled models]).
         progress: True to print what it is doing, or a callable taking one line of text.
 
     Raises `InfeasibleBudget` (a ValueError) stating the smallest feasible budget when nothing
@@ -158,6 +161,8 @@ def optimize_(
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
         raise ValueError(f"{_STRATEGY}: length must be a positive int, got {length!r}")
     parse_budget(budget, 1 << 40)  # a budget that cannot be read fails before any profiling
+    if not isinstance(compiled, bool):
+        raise TypeError(f"{_STRATEGY}: compiled must be True or False, got {compiled!r}")
     say = _progress(progress)
     allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
 
@@ -193,7 +198,7 @@ def optimize_(
             plan.estimated_peak_bytes = estimate_step(model, to_meta(tuple(inputs)), loss_fn,
                                                       autocast_dtype=autocast).peak_bytes
             if measuring:
-                _measure(model, inputs, loss_fn, autocast, plan, say)
+                (_measure_compiled if compiled else _measure)(model, inputs, loss_fn, autocast, plan, say)
         except Exception:
             restore_(model)
             raise
@@ -319,6 +324,21 @@ def _measure(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, say) -> No
     measured = measure_step(model, inputs, loss_fn, None, autocast, device, backward_times=False)
     plan.measured_peak_bytes = measured.peak_bytes
     plan.measured_step_s = step_seconds(model, inputs, loss_fn, autocast=autocast)
+
+
+def _measure_compiled(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, say) -> None:
+    """NOTE [Plans for compiled models]: the peak and step time of ``torch.compile(model)``."""
+    from ..profile.measure import reset_cuda_peak
+    from ..plan.timing import step_seconds
+
+    say("compiling the optimized model and measuring its step")
+    device = next(model.parameters()).device
+    compiled = torch.compile(model)
+    step_seconds(compiled, inputs, loss_fn, repeats=1, warmup=0, autocast=autocast)  # compiles
+    reset_cuda_peak(device)
+    plan.measured_step_s = step_seconds(compiled, inputs, loss_fn, warmup=0, autocast=autocast)
+    plan.measured_peak_bytes = torch.cuda.max_memory_allocated(device)
+    plan.measured_compiled = True
 
 
 def _progress(progress) -> Callable[[str], None]:
