@@ -2,7 +2,7 @@
 
     python benchmarks/optimize.py OUT_DIR [--models tcn,wavenet] [--anchors eager_fp32,...]
         [--budgets 0.75,0.5,0.35,0.25,0.1] [--match eager_fp32,torch_checkpoint_blocks,...]
-        [--bf16 0.5] [--compiled 0.75,0.5] [--budget-s 500]
+        [--match-compiled eager_fp32,bf16_autocast] [--bf16 0.5] [--compiled 0.75,0.5] [--budget-s 500]
 
 Per model, in one process on one card:
 
@@ -15,7 +15,9 @@ Per model, in one process on one card:
 3. a plan *at each anchor in* ``--match``: the budget is 99% of that anchor's measured peak, in the
    anchor's regime (a torch.compile anchor is met by a plan run under torch.compile, the bf16 autocast
    anchor by a plan under the same autocast; the rest in eager fp32). Its step time against the
-   anchor's answers "does convmem do better at this anchor's memory?" directly: "convmem_at_<anchor>";
+   anchor's answers "does convmem do better at this anchor's memory?" directly: "convmem_at_<anchor>".
+   ``--match-compiled`` does the same with the plan run under torch.compile, in the anchor's
+   precision ("convmem_at_<anchor>_compiled"): an eager anchor met by a compiled plan;
 4. plans under bf16 autocast (``--bf16``, shares of the eager fp32 peak) and plans run under
    torch.compile (``--compiled``; only the options compile traces: selective, checkpoint), judged by
    the compiled step's measured peak (``optimize_(..., compiled=True)``).
@@ -56,11 +58,10 @@ ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
 MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak
 
 
-def regime_of(anchor: str) -> str:
+def regime_of(anchor: str, compiled: bool = False) -> str:
     """The regime in which a plan meets `anchor`: torch.compile anchors compiled, bf16 under autocast."""
-    if anchor.startswith("compile"):
-        return "fp32+compile"
-    return "bf16" if "bf16" in anchor else "fp32"
+    precision = "bf16" if "bf16" in anchor else "fp32"
+    return precision + "+compile" if compiled or anchor.startswith("compile") else precision
 
 
 def _row(base, model, strategy, entry, regime):
@@ -178,6 +179,8 @@ def bench_model(name, args, base, out_csv, deadline):
     jobs = [(f"convmem_plan_{share:g}", int(share * eager_peak), "fp32") for share in args.budgets]
     jobs += [(f"convmem_at_{anchor}", int(MATCH_SHARE * measured[anchor]["peak_bytes"]), regime_of(anchor))
              for anchor in args.match if anchor in measured]
+    jobs += [(f"convmem_at_{anchor}_compiled", int(MATCH_SHARE * measured[anchor]["peak_bytes"]), regime_of(anchor, True))
+             for anchor in args.match_compiled if anchor in measured]
     jobs += [(f"convmem_plan_{share:g}_bf16", int(share * eager_peak), "bf16") for share in args.bf16]
     jobs += [(f"convmem_plan_{share:g}_compiled", int(share * eager_peak), "fp32+compile") for share in args.compiled]
     for index, (strategy, budget, regime) in enumerate(jobs):
@@ -198,6 +201,8 @@ def main(argv=None):
                         help=f"anchors to measure first, from {', '.join(ANCHORS)}")
     parser.add_argument("--budgets", default="0.75,0.5,0.35,0.25,0.1")
     parser.add_argument("--match", default="", help="anchors to plan at (99%% of their peak, in their regime)")
+    parser.add_argument("--match-compiled", default="",
+                        help="anchors to plan at with the plan under torch.compile, in the anchor's precision")
     parser.add_argument("--bf16", default="", help="shares of the eager fp32 peak, planned under bf16 autocast")
     parser.add_argument("--compiled", default="", help="shares of the eager fp32 peak, planned for torch.compile")
     parser.add_argument("--repeats", type=int, default=5)
@@ -211,13 +216,13 @@ def main(argv=None):
     floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
     names = lambda text: [x for x in text.split(",") if x]  # noqa: E731
     args.budgets, args.bf16, args.compiled = floats(args.budgets), floats(args.bf16), floats(args.compiled)
-    args.anchors, args.match = names(args.anchors), names(args.match)
-    unknown = [a for a in args.anchors + args.match if a not in ANCHORS]
+    args.anchors, args.match, args.match_compiled = names(args.anchors), names(args.match), names(args.match_compiled)
+    unknown = [a for a in args.anchors + args.match + args.match_compiled if a not in ANCHORS]
     if unknown:
         parser.error(f"unknown anchors {unknown}; the anchors are {list(ANCHORS)}")
     if "eager_fp32" not in args.anchors:
         args.anchors.insert(0, "eager_fp32")  # every share is of the eager peak of this run
-    missing = [a for a in args.match if a not in args.anchors]
+    missing = [a for a in args.match + args.match_compiled if a not in args.anchors]
     if missing:
         parser.error(f"--match {missing}: measure them too (--anchors)")
 

@@ -502,6 +502,26 @@ def test_autocast_bfloat16_matches_untiled_autocast():
         assert relative_error(q.grad, p.grad) < 5e-2, name
 
 
+def test_autocast_with_a_low_precision_input_from_the_layer_before():
+    # Under autocast a tiled block after a conv gets a bfloat16 input while its weights are float32:
+    # the analysis, probe and verification run in the weights' precision (`analysis_dtype`), not
+    # refusing the block for a dtype mismatch that autocast itself never has.
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv1d(8, 8, 5, padding=2), nn.GELU(), nn.Conv1d(8, 8, 3, padding=1))
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), block)
+    tiled = twin(model)
+    tiled[1] = Tiled(tiled[1], 64)
+    x = torch.randn(2, 4, 300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = model(x), tiled(x)
+        assert actual.dtype == expected.dtype == torch.bfloat16
+    actual.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    assert relative_error(actual, expected) < 2e-2
+    for (name, p), q in zip(model.named_parameters(), tiled.parameters()):
+        assert relative_error(q.grad, p.grad) < 5e-2, name
+
+
 def test_meta_device_runs_without_verification():
     module = nn.Sequential(nn.Conv1d(2, 2, 3, padding=1), nn.GELU()).to("meta")
     tiled = Tiled(module, 16)

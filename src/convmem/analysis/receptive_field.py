@@ -262,7 +262,7 @@ def _merge(first: ReceptiveField, second: ReceptiveField, length: int) -> Option
 def _trace_at(module: nn.Module, clone: nn.Module, x: torch.Tensor, length: int, args, kwargs, axis: int) -> ReceptiveField:
     shape = list(x.shape)
     shape[axis] = length
-    meta_x = torch.empty(shape, dtype=x.dtype, device="meta")
+    meta_x = torch.empty(shape, dtype=analysis_dtype(clone, x), device="meta")
     # The sequence passed again (self-attention's mha(x, x, x)) is the traced sequence, not a constant.
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
     meta_args, meta_kwargs = tree_unflatten([meta_x if v is x else to_meta(v) for v in leaves], spec)
@@ -273,6 +273,20 @@ def _trace_at(module: nn.Module, clone: nn.Module, x: torch.Tensor, length: int,
         reason = _module_reason(culprit, refusal.reason) if culprit is not None else refusal.reason
         return ReceptiveField(False, reason, refusal.module, type(culprit).__name__ if culprit is not None else None)
     return _verdict(result, axis)
+
+
+def analysis_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype to analyse `module` in: x's, or its parameters' where x is of another float dtype.
+
+    Under autocast a module's input can be bfloat16 while its weights are float32; autocast is no
+    part of the analysis (which positions depend on which does not depend on precision), and without
+    it a convolution rejects the mix.
+    """
+    if x.is_floating_point():
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return x.dtype
 
 
 def _has_real_tensors(module: nn.Module) -> bool:

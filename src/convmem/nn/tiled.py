@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..analysis import trace as _trace
 from ..analysis.receptive_field import (
-    ReceptiveField, analyse, batch_of_one, buffers_kept, known_refusal, probe, probe_length,
+    ReceptiveField, analyse, analysis_dtype, batch_of_one, buffers_kept, known_refusal, probe, probe_length,
 )
 from ..analysis.windows import Window, plan_windows
 from ..profile.autocast_sim import autocast_region, autocast_state
@@ -524,11 +524,11 @@ def check_tiling(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs
     tile = tile_length // rf.period * rf.period
     wanted = max(probe_length(rf, length), 2 * tile + 2 * (rf.left + rf.right + rf.period))
     prefix = batch_of_one(x.detach().narrow(axis, 0, min(length, wanted)), axis, args, kwargs)
-    if device is not None:
-        prefix = prefix.to(device)
+    prefix = prefix.to(device=device, dtype=analysis_dtype(module, prefix))
     # The probe's own autograd graph is no business of an enclosing checkpoint or profiler:
     # identity hooks shadow theirs (the innermost saved-tensor hooks apply). Autocast is off: the
-    # checks are about which positions agree, in the inputs' own precision.
+    # checks are about which positions agree, in the parameters' precision (`analysis_dtype`: a
+    # bfloat16 input under autocast is checked in float32).
     kind = prefix.device.type
     autocast_off = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(_same, _same), autocast_off:
@@ -541,7 +541,7 @@ def check_tiling(module: nn.Module, x: torch.Tensor, args: Sequence[Any], kwargs
         if problem is None and batch_chunks:
             pair = x.detach().narrow(axis, 0, prefix.shape[axis])
             pair = pair[:2] if pair.shape[0] >= 2 else torch.cat([pair[:1], pair[:1].flip(axis)])
-            problem = _verify_batch(module, rf, pair.to(prefix.device), args, kwargs)
+            problem = _verify_batch(module, rf, pair.to(prefix.device, prefix.dtype), args, kwargs)
         return rf, problem
 
 
