@@ -40,6 +40,10 @@ FIELDS = [
 
 
 def commit() -> str:
+    """The commit measured: $CONVMEM_COMMIT when set (the GPU machine's copy of the tree may carry a
+    stale .git), else git's HEAD."""
+    if os.environ.get("CONVMEM_COMMIT"):
+        return os.environ["CONVMEM_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=os.path.dirname(__file__), stderr=subprocess.DEVNULL).strip()
