@@ -111,8 +111,9 @@ def optimize_table() -> str:
                     f"({int(smallest.group(1)) / int(e['peak_bytes']):.1%} of eager)") if smallest and e else note
             lines.append(f"| {r['model']} | {share(r)} | {r['status']} | - | {budget_gib} | - | - | - | - | {text} |")
     first = plans[0] if plans else {}
-    return "\n".join(lines) + (f"\n\n({first.get('device', '?')}, torch {first.get('torch', '?')}, commit "
-                               f"{first.get('commit', '?')}; eager peaks and times from the same run.)")
+    commits = ", ".join(sorted({r.get("commit", "?") for r in plans}))
+    return "\n".join(lines) + (f"\n\n({first.get('device', '?')}, torch {first.get('torch', '?')}, commits "
+                               f"{commits}; each row against the eager step of its own run.)")
 
 
 def _all_rows(name: str):
