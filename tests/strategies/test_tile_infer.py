@@ -77,3 +77,30 @@ def test_eval_mode_batch_norm_and_buffers_untouched():
     model.train()
     with pytest.raises(ValueError, match="BatchNorm in train mode"):
         infer_tiled(model, x, 50)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams pinned CPU memory through a GPU")
+@pytest.mark.parametrize("channels", [1, 3])
+def test_streaming_through_a_gpu_into_pinned_memory(channels):
+    # Tile outputs are copied back asynchronously into a pinned, time-contiguous output and
+    # synchronously into a strided one (`_may_copy_async`): both must hold every tile once returned.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 8, 9, padding=4), nn.GELU(), nn.Conv1d(8, channels, 5, padding=2)).cuda().eval()
+    x = torch.randn(1, 2, 200_003).pin_memory()
+    with torch.no_grad():
+        expected = model(x.cuda()).cpu()
+    actual = infer_tiled(model, x, 4096, progress=False)
+    assert actual.device.type == "cpu" and actual.is_pinned()
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_tile_outputs_are_copied_asynchronously_only_from_a_gpu_into_pinned_contiguous_memory():
+    from convmem.nn.tiled import _may_copy_async
+
+    cpu = torch.zeros(1, 1, 10)
+    assert not _may_copy_async(cpu, cpu)
+    if torch.cuda.is_available():
+        gpu, pinned = cpu.cuda(), torch.zeros(1, 3, 10).pin_memory()
+        assert not _may_copy_async(pinned[:, :, :5], gpu)  # three channels, a window of time: strided
+        assert _may_copy_async(pinned[:, :1, :5], gpu)  # one channel: contiguous
+        assert not _may_copy_async(torch.zeros(1, 1, 10), gpu)  # pageable

@@ -230,7 +230,8 @@ class _Runner:
                         "model (padding or cropping computed from another tensor's length?)"
                     )
                 if count:
-                    out.narrow(omap.axis, first, count).copy_(t.narrow(omap.axis, offset, count))
+                    dst = out.narrow(omap.axis, first, count)
+                    dst.copy_(t.narrow(omap.axis, offset, count), non_blocking=_may_copy_async(dst, t))
             if progress is not None:
                 progress(w.stop)
         return tuple(outs)
@@ -238,6 +239,14 @@ class _Runner:
     def unflatten(self, outs: Sequence[torch.Tensor]) -> Any:
         tensors = iter(outs)
         return tree_unflatten([next(tensors) if v is None else v for v in self.out_constants], self.out_spec)
+
+
+def _may_copy_async(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """A GPU tile's output copied into pinned CPU memory need not hold the CPU until the GPU is done
+    (NOTE [Streaming inference] in strategies/infer.py): the CPU queues the next tile meanwhile, and
+    infer_tiled synchronizes once at the end. Only into a contiguous destination: a strided one goes
+    through a temporary that the CPU would read before the copy lands."""
+    return src.is_cuda and dst.device.type == "cpu" and dst.is_pinned() and dst.is_contiguous()
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,11 @@
 # full-length output, which lives with the input (pinned too when the input is) or is the `out`
 # the caller gives. The GPU then holds the weights and one window's activations, whatever the
 # length: hours of audio through a vocoder, a chromosome through a genomics tower. Copies from
-# pinned memory are asynchronous; the device is synchronized before the output is returned. The
-# tiling is analysed, probed and verified on a prefix of the input first, as for `convmem.nn.Tiled`.
+# pinned memory are asynchronous, and so are the copies of each tile's output into a pinned output
+# (contiguous along time: a (batch 1, channel 1) waveform): the CPU queues the next tile's kernels
+# while the GPU still runs this one, instead of waiting for every tile's copy back. The device is
+# synchronized once, before the output is returned. The tiling is analysed, probed and verified on a
+# prefix of the input first, as for `convmem.nn.Tiled`.
 """
 from __future__ import annotations
 
