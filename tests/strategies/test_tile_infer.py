@@ -104,3 +104,28 @@ def test_tile_outputs_are_copied_asynchronously_only_from_a_gpu_into_pinned_cont
         assert not _may_copy_async(pinned[:, :, :5], gpu)  # three channels, a window of time: strided
         assert _may_copy_async(pinned[:, :1, :5], gpu)  # one channel: contiguous
         assert not _may_copy_async(torch.zeros(1, 1, 10), gpu)  # pageable
+
+
+def test_a_tiling_is_verified_once_per_model_and_checked_again_when_the_model_changes(monkeypatch):
+    # NOTE [Verified once per model and tiling]
+    from convmem.strategies import infer as module
+
+    calls = []
+    check = module.check_tiling
+    monkeypatch.setattr(module, "check_tiling", lambda *a, **k: calls.append(1) or check(*a, **k))
+    model = nn.Sequential(nn.Conv1d(1, 3, 9, padding=4), nn.Tanh(), nn.Conv1d(3, 1, 5, padding=2)).double()
+    x = torch.randn(1, 1, 2000, dtype=torch.float64)
+    for length in (2000, 1500):  # another length of the same input kind: the analysis holds
+        with torch.no_grad():
+            expected = model(x[..., :length])
+        assert relative_error(infer_tiled(model, x[..., :length], 300), expected) < TOL
+    assert len(calls) == 1
+    infer_tiled(model, x, 200)  # another tile length
+    assert len(calls) == 2
+    model[1] = nn.GELU()  # another structure
+    with torch.no_grad():
+        expected = model(x)
+    assert relative_error(infer_tiled(model, x, 300), expected) < TOL
+    assert len(calls) == 3
+    infer_tiled(model, x, 300, verify=False)  # verified already: not checked again
+    assert len(calls) == 3
