@@ -61,7 +61,9 @@ def tiling_table() -> str:
     for r in read("tiling"):
         lines.append(f"| {r['bench']} | {r['model']} | {r['strategy']} | {r['input_shape']} | {gib(r.get('peak_bytes'))} | "
                      f"{float(r['step_ms']):.1f} | {r.get('note') or ''} |")
-    return "\n".join(lines) + (f"\n\n({read('tiling')[0]['device']}, commit {read('tiling')[0]['commit']})" if read("tiling") else "")
+    rows = read("tiling")
+    commits = ", ".join(sorted({r["commit"] for r in rows}))
+    return "\n".join(lines) + (f"\n\n({rows[0]['device']}, commits {commits}; 'unknown': before commits were recorded)" if rows else "")
 
 
 def _plan_text(note: str) -> str:
