@@ -183,6 +183,28 @@ def test_compiled_plans_are_judged_by_the_compiled_step(monkeypatch):
     assert "measured under torch.compile" in plan.explain()
 
 
+def test_a_measured_smallest_budget_leaves_room_for_the_next_measurement(monkeypatch):
+    # A measured peak moves by a few hundred KiB between runs: the smallest feasible budget named
+    # from a measurement carries a 0.2% margin, so that passing it back is accepted.
+    from convmem.strategies import optimize as module
+
+    entry = small("tcn", **TINY["tcn"])
+    measured = []
+
+    def fake_measure(model, inputs, loss_fn, autocast, plan, say):
+        plan.measured_peak_bytes, plan.measured_step_s = plan.estimated_peak_bytes + 4096, 1.0
+        measured.append(plan.measured_peak_bytes)
+
+    monkeypatch.setattr(module, "_on_cuda", lambda model, inputs: True)
+    monkeypatch.setattr(module, "_measure", fake_measure)
+    with pytest.raises(InfeasibleBudget) as caught:
+        optimize_(entry.model, *entry.inputs, budget=0.05, loss_fn=entry.loss_fn, allow=EXACT)
+    least = min(measured)
+    assert caught.value.min_bytes >= least + least // 500
+    plan = optimize_(entry.model, *entry.inputs, budget=caught.value.min_bytes, loss_fn=entry.loss_fn, allow=EXACT)
+    assert plan.measured_peak_bytes <= caught.value.min_bytes
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_budget_below_the_minimum_names_the_smallest_feasible_one():
     entry = small("tcn", **TINY["tcn"])
