@@ -135,11 +135,13 @@ def test_without_rng_replay_the_dropout_test_fails():
 def test_selective_keeps_the_conv_outputs_backward_needs():
     # TCN block x + pointwise(GELU(dilated(x))): GELU saves the dilated conv's output; the
     # pointwise conv's output feeds only the add, which saves nothing.
-    assert checkpointed_module._probe_kept_ops(_block(TCNBlock, 4, 3, 2), (_x(2, 4, 9),), {}) == (True, False)
+    kept = checkpointed_module._probe_kept_ops(_block(TCNBlock, 4, 3, 2), (_x(2, 4, 9),), {})
+    assert kept.keep == (True, False) and kept.conv_calls == (("dilated", 0),)
     # WaveNet layer: tanh and sigmoid save their outputs, computed from the dilated conv's output;
     # the skip and residual 1x1 outputs are not needed.
     layer = _block(WaveNetLayer, 4, 8, 4, 2, 1)
-    assert checkpointed_module._probe_kept_ops(layer, (_x(2, 4, 9),), {}) == (True, False, False)
+    kept = checkpointed_module._probe_kept_ops(layer, (_x(2, 4, 9),), {})
+    assert kept.keep == (True, False, False) and kept.conv_calls == (("dilated.conv", 0),)
 
 
 class InplaceReLUBlock(nn.Module):
@@ -157,7 +159,7 @@ class InplaceReLUBlock(nn.Module):
 def test_selective_recomputes_conv_outputs_modified_in_place():
     block = _block(InplaceReLUBlock)
     # relu_ overwrites conv1's output: keeping it would keep the ReLU's output instead.
-    assert checkpointed_module._probe_kept_ops(block, (_x(2, 4, 9),), {}) == (False, False)
+    assert checkpointed_module._probe_kept_ops(block, (_x(2, 4, 9),), {}).keep == (False, False)
     assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [_x(2, 4, 9)])
 
 
@@ -264,3 +266,107 @@ def test_the_estimate_recomputes_under_simulated_autocast(policy):
     plain = estimate_step(nn.Sequential(*copy.deepcopy(blocks)), (x,), autocast_dtype=torch.bfloat16).peak_bytes
     assert peaks[torch.bfloat16] < peaks[None]
     assert peaks[torch.bfloat16] < plain
+
+
+class NormActBlock(nn.Module):
+    """conv -> BatchNorm -> GELU -> dropout -> conv (+ x): kept conv outputs feed a norm and an add."""
+
+    def __init__(self, padding=1, weight_norm=False):
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 6, 3, padding=padding)
+        if weight_norm:
+            self.conv1 = nn.utils.parametrizations.weight_norm(self.conv1)
+        self.norm = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(0.2)
+        self.conv2 = nn.Conv1d(6, 4, 3, padding=1, dilation=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.drop(F.gelu(self.norm(self.conv1(x)))))
+
+
+def _no_dispatch_mode(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("NOTE [Selective recompute by module]: no dispatch mode for plain Conv1d blocks")
+
+    monkeypatch.setattr(checkpointed_module, "create_selective_checkpoint_contexts", refuse)
+
+
+@needs_selective
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_selective_by_module_is_exact_without_a_dispatch_mode(monkeypatch, weight_norm):
+    # NOTE [Selective recompute by module]: plain Conv1d blocks keep the needed conv outputs from
+    # forward hooks and answer the recompute from them; gradients, BatchNorm statistics and dropout
+    # masks equal the untouched block's.
+    _no_dispatch_mode(monkeypatch)
+    torch.manual_seed(0)
+    block = NormActBlock(weight_norm=weight_norm).double()
+    kept = checkpointed_module._probe_kept_ops(block, (_x(2, 4, 9),), {})
+    assert kept.conv_calls == (("conv1", 0),)
+    assert_same_step(Seeded(block), Seeded(Checkpointed(copy.deepcopy(block), "selective")), [_x(3, 4, 37)], steps=3)
+
+
+class UpsampleBlock(nn.Module):
+    """A strided transposed conv (weight-normed) feeding a Snake-like pointwise op, then a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(4, 3, 5, stride=3, padding=1, output_padding=1))
+        self.conv = nn.Conv1d(3, 3, 3, padding=2, dilation=2, groups=3)
+
+    def forward(self, x):
+        y = self.up(x)
+        y = y + torch.sin(y) ** 2
+        return self.conv(y) * torch.tanh(y)
+
+
+@needs_selective
+def test_selective_by_module_replays_transposed_convolutions(monkeypatch):
+    _no_dispatch_mode(monkeypatch)
+    torch.manual_seed(0)
+    block = UpsampleBlock().double()
+    kept = checkpointed_module._probe_kept_ops(block, (_x(2, 4, 9),), {})
+    assert kept.conv_calls == (("up", 0), ("conv", 0))
+    assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [_x(2, 4, 23)], steps=2)
+
+
+@needs_selective
+def test_selective_by_module_keeps_what_the_dispatch_mode_keeps(monkeypatch):
+    from convmem.profile import estimate_step
+
+    blocks = [TCNBlock(32, 3, d) for d in (1, 2)] + [NormActBlock(), WaveNetLayer(4, 8, 4, 2, 1), UpsampleBlock()]
+    peaks = {}
+    for by_module in (True, False):
+        if not by_module:
+            monkeypatch.setattr(checkpointed_module, "replayable", lambda module: False)
+        for i, block in enumerate(blocks):
+            x = torch.randn(2, 32 if i < 2 else 4, 2048)
+            model = Checkpointed(copy.deepcopy(block), "selective")
+            peaks[(by_module, i)] = estimate_step(model, (x,), loss_fn=lambda y: y[0].square().mean()
+                                                  if isinstance(y, tuple) else y.square().mean()).peak_bytes
+    for i in range(len(blocks)):
+        assert peaks[(True, i)] == peaks[(False, i)], type(blocks[i]).__name__
+
+
+@needs_selective
+def test_selective_uses_the_dispatch_mode_where_a_conv_cannot_be_replayed():
+    same = NormActBlock(padding="same").double()
+    assert checkpointed_module._probe_kept_ops(same, (_x(2, 4, 9),), {}).conv_calls is None
+    assert_same_step(Seeded(same), Seeded(Checkpointed(copy.deepcopy(same), "selective")), [_x(2, 4, 21)])
+    # Under autocast the casts around each convolution would have to be replayed too.
+    block = NormActBlock()
+    wrapped = Checkpointed(copy.deepcopy(block), "selective")
+    called = []
+    original = checkpointed_module.create_selective_checkpoint_contexts
+
+    def spy(*args, **kwargs):
+        called.append(1)
+        return original(*args, **kwargs)
+
+    checkpointed_module.create_selective_checkpoint_contexts = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = wrapped(torch.randn(2, 4, 33))
+        y.float().square().sum().backward()
+    finally:
+        checkpointed_module.create_selective_checkpoint_contexts = original
+    assert called

@@ -98,7 +98,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -109,6 +109,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..profile.autocast_sim import SimulatedAutocast, autocast_region, autocast_state
 from ..profile.estimate import meta_clone, to_meta
 from ..profile.recorder import tensors_in
+from ._conv_replay import CallKey, KeepConvOutputs, ReplayConvOutputs, replayable
 from ._wrapper import ModuleWrapper
 
 try:  # public since PyTorch 2.5
@@ -150,6 +151,9 @@ def resolve_policy(policy: str) -> str:
 
 
 class Checkpointed(ModuleWrapper):
+    # NOTE [Selective recompute by module]: False forces the dispatch-mode version (benchmarks compare them).
+    _by_module = True
+
     """Run ``wrapped`` under non-reentrant activation checkpointing; same outputs, gradients and buffers.
 
     Args:
@@ -191,7 +195,7 @@ class Checkpointed(ModuleWrapper):
         self.segments: Optional[Tuple[int, ...]] = segments
         self.recompute: Optional[Tuple[bool, ...]] = recompute
         # (segment index, training) -> which expensive ops to keep, or None: see NOTE [Selective recompute].
-        self._keep: Dict[Tuple[int, bool], Optional[Tuple[bool, ...]]] = {}
+        self._keep: Dict[Tuple[int, bool], Optional[_KeptOps]] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.segments is None:
@@ -229,21 +233,26 @@ class Checkpointed(ModuleWrapper):
                 context_fn = functools.partial(create_selective_checkpoint_contexts, _compiled_policy)
                 return checkpoint(module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
             return checkpoint(module, *args, use_reentrant=False, **kwargs)
-        keep = self._kept_ops(module, index, args, kwargs) if self.policy == "selective" else None
+        kept = self._kept_ops(module, index, args, kwargs) if self.policy == "selective" else None
         modules = list(module.modules())
         has_buffers = any(b is not None for m in modules for b in m._buffers.values())
         simulated = _simulated_autocast(args)
-        if keep is None and not has_buffers and simulated is None:
+        replay = None
+        if (kept is not None and kept.conv_calls is not None and self._by_module and simulated is None
+                and not _autocast_on(args)):
+            replay = (module, kept.conv_calls)  # NOTE [Selective recompute by module]
+        if kept is None and not has_buffers and simulated is None:
             context_fn = noop_context_fn
         else:
-            context_fn = functools.partial(_contexts, modules if has_buffers else None, keep, simulated)
+            keep = kept.keep if kept is not None and replay is None else None
+            context_fn = functools.partial(_contexts, modules if has_buffers else None, keep, simulated, replay)
         return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **kwargs)
 
     def _kept_ops(self, module: nn.Module, index: int, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
         key = (index, self.training)
         if key not in self._keep:
-            keep = _probe_kept_ops(module, args, kwargs)
-            self._keep[key] = keep if keep is not None and any(keep) else None
+            kept = _probe_kept_ops(module, args, kwargs)
+            self._keep[key] = kept if kept is not None and any(kept.keep) else None
         return self._keep[key]
 
 
@@ -361,8 +370,15 @@ def _simulated_autocast(args: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
     return state if state is not None and "simulated" in state else None
 
 
+def _autocast_on(args: Tuple[Any, ...]) -> bool:
+    tensors = tensors_in(args)
+    kind = tensors[0].device.type if tensors else "cpu"
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
 def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...]],
-              simulated: Optional[Dict[str, Any]] = None):
+              simulated: Optional[Dict[str, Any]] = None,
+              replay: Optional[Tuple[nn.Module, Tuple[CallKey, ...]]] = None):
     """checkpoint's ``context_fn``: the contexts of the first forward and of the recompute."""
     forward: List[ContextManager] = []
     recompute: List[ContextManager] = [autocast_region(simulated)] if simulated is not None else []
@@ -370,6 +386,11 @@ def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...
         first_forward = _FirstForward(modules)
         forward.append(first_forward)
         recompute.append(_Recompute(first_forward))
+    if replay is not None:
+        block, calls = replay
+        kept = KeepConvOutputs({name: block.get_submodule(name) for name, _ in calls}, calls)
+        forward.append(kept)
+        recompute.append(ReplayConvOutputs(kept))
     if keep is not None:
         # Entered after the buffer contexts, so that copying buffers is not an op the policy counts.
         selective_forward, selective_recompute = create_selective_checkpoint_contexts(_KeepPolicy(keep))
@@ -444,6 +465,9 @@ class _Lineage(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.needed: List[bool] = []  # per expensive op call, in order: does a saved tensor depend on it?
+        self.issuers: List[Optional[CallKey]] = []  # per expensive op call: the module call running it
+        self.running: List[CallKey] = []  # module calls under way, innermost last (kept by `enter`/`leave`)
+        self._calls: Dict[str, int] = {}
         self.mutated: Set[int] = set()  # expensive op calls whose output is later written in place
         self._sources = WeakIdKeyDictionary()  # storage -> indices of the expensive ops it depends on
         self._producer = WeakIdKeyDictionary()  # storage -> index of the expensive op that made it
@@ -458,6 +482,7 @@ class _Lineage(TorchDispatchMode):
         if func in _EXPENSIVE_OPS:
             index = len(self.needed)
             self.needed.append(False)
+            self.issuers.append(self.running[-1] if self.running else None)
             sources = frozenset({index})
             for t in tensors_in(out):
                 self._producer[t.untyped_storage()] = index
@@ -474,6 +499,14 @@ class _Lineage(TorchDispatchMode):
             self.needed[index] = True
         return tensor
 
+    def enter(self, name: str, module: nn.Module, args: Any) -> None:
+        index = self._calls.get(name, 0)
+        self._calls[name] = index + 1
+        self.running.append((name, index))
+
+    def leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        self.running.pop()
+
 
 def _written_tensors(func, args, kwargs) -> List[torch.Tensor]:
     written = []
@@ -484,7 +517,15 @@ def _written_tensors(func, args, kwargs) -> List[torch.Tensor]:
     return written
 
 
-def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Tuple[bool, ...]]:
+class _KeptOps(NamedTuple):
+    """What the probe found: per expensive op call, keep its output? And, when every kept output
+    comes from a replayable Conv1d call, those calls (NOTE [Selective recompute by module])."""
+
+    keep: Tuple[bool, ...]
+    conv_calls: Optional[Tuple[CallKey, ...]]
+
+
+def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[_KeptOps]:
     """Per expensive op call of ``module(*args, **kwargs)``: keep its output? None if the probe cannot run."""
     lineage = _Lineage()
     try:
@@ -498,6 +539,9 @@ def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, 
                     # A cumulative average reads num_batches_tracked's value, which meta tensors
                     # lack; the ops, and so the choice of kept outputs, are those of any momentum.
                     m.momentum = 0.1
+            for name, m in clone.named_modules():  # the clone is the probe's own: its hooks go with it
+                m.register_forward_pre_hook(functools.partial(lineage.enter, name))
+                m.register_forward_hook(functools.partial(lineage.leave, name), always_call=True)
             meta_args, meta_kwargs = to_meta(args), to_meta(kwargs)
             with _autocast_like(args), torch.autograd.graph.saved_tensors_hooks(lineage.pack, _identity), lineage:
                 clone(*meta_args, **meta_kwargs)
@@ -509,7 +553,11 @@ def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, 
             stacklevel=4,
         )
         return None
-    return tuple(needed and index not in lineage.mutated for index, needed in enumerate(lineage.needed))
+    keep = tuple(needed and index not in lineage.mutated for index, needed in enumerate(lineage.needed))
+    modules = dict(clone.named_modules())
+    calls = [lineage.issuers[i] for i, k in enumerate(keep) if k]
+    replay = all(call is not None and replayable(modules[call[0]]) for call in calls)
+    return _KeptOps(keep, tuple(calls) if replay else None)
 
 
 def _autocast_like(args: Tuple[Any, ...]) -> ContextManager:
