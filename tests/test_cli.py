@@ -167,3 +167,22 @@ def test_optimize_lossy_reports_the_gradient_error(capsys):
     assert code == 0
     assert "bf16" in out and "LOSSY" in out
     assert re.search(r"LOSSY plan: outputs unchanged, relative gradient error \d\.\d\de[-+]\d\d", err), err
+
+
+def test_optimize_compile_flag_plans_for_a_compiled_model(capsys, monkeypatch):
+    # --compile is optimize_(compiled=True): on a GPU the plan is judged by the compiled step; on the
+    # meta device there is nothing compiled to measure and the plan is judged by the estimate.
+    from convmem.strategies import optimize as module
+
+    seen = {}
+    original = module.optimize_
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "optimize_", spy)
+    code, out, err = run(capsys, "optimize", "zoo:tcn", "--budget", "0.5", "--allow", "selective,checkpoint",
+                         "--compile", "--device", "meta", "--no-verify")
+    assert code == 0, err
+    assert seen["compiled"] is True and "measured under torch.compile" not in out
