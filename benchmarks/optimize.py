@@ -93,10 +93,10 @@ def _measure(entry, prepared, row, args, device):
     row["peak_gib"] = round(row["peak_bytes"] / 2**30, 4)
 
 
-def _guarded(row, work):
-    """Run `work()`; a failure is recorded in the row (a failed row is data too)."""
+def _guarded(row, work, *work_args):
+    """Run `work(*work_args)`; a failure is recorded in the row (a failed row is data too)."""
     try:
-        work()
+        work(*work_args)
     except InfeasibleBudget as error:
         row["status"] = "infeasible"
         row["note"] = f"budget {row['budget_bytes']} B; smallest feasible {error.min_bytes} B"
@@ -122,7 +122,7 @@ def bench_model(name, args, base, out_csv, deadline):
         entry = zoo.get(name, size=args.size, device=args.device)
         row = _row(base, name, anchor, entry, regime_of(anchor))
 
-        def work():
+        def work(entry):
             prepared = ANCHORS[anchor](entry)
             if prepared is None:
                 row["status"] = "n/a"
@@ -131,7 +131,7 @@ def bench_model(name, args, base, out_csv, deadline):
             row["status"], row["note"] = "ok", prepared.note
 
         signal.alarm(args.row_timeout_s)
-        _guarded(row, work)
+        _guarded(row, work, entry)
         _emit(out_csv, row)
         if row.get("status") == "ok":
             measured[anchor] = row
@@ -151,7 +151,7 @@ def bench_model(name, args, base, out_csv, deadline):
         row = _row(base, name, strategy, entry, regime)
         row["budget_bytes"] = budget
 
-        def work():
+        def work(entry):
             began = time.time()
             plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=allow,
                              autocast=autocast, compiled=compiled, costs=costs.get((regime, allow)))
@@ -169,7 +169,7 @@ def bench_model(name, args, base, out_csv, deadline):
             print(plan.explain(), flush=True)
 
         signal.alarm(args.row_timeout_s)
-        error = _guarded(row, work)
+        error = _guarded(row, work, entry)
         if error is not None:
             floors[regime] = error.min_bytes
         _emit(out_csv, row)

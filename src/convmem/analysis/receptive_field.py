@@ -121,7 +121,7 @@ def _module_reason(module: nn.Module, op_reason: str) -> str:
     """The reason a known non-local layer gives, in the words of the layer; else the op's."""
     # Checked against the module type that ran the offending op (NOTE [Refusals name the module]).
     if isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode == "circular":
-        return (f"padding_mode='circular' wraps the sequence's ends onto each other: its first outputs depend "
+        return ("padding_mode='circular' wraps the sequence's ends onto each other: its first outputs depend "
                 "on its last inputs")
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if not module.track_running_stats:

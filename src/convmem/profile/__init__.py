@@ -7,7 +7,7 @@ from a no-GPU estimate and, on a GPU, from the CUDA allocator.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn

@@ -13,7 +13,6 @@ from __future__ import annotations
 import weakref
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
