@@ -183,6 +183,26 @@ def test_compiled_plans_are_judged_by_the_compiled_step(monkeypatch):
     assert "measured under torch.compile" in plan.explain()
 
 
+def test_compiled_plans_use_only_options_that_act_under_compile():
+    # NOTE [Plans for compiled models]: offload and chunk step aside in compiled code.
+    entry = small("convtasnet")
+    floors = {}
+    for compiled in (False, True):
+        with pytest.raises(InfeasibleBudget) as caught:
+            optimize_(entry.model, *entry.inputs, budget=0.05, loss_fn=entry.loss_fn, compiled=compiled, measure=False)
+        floors[compiled] = caught.value
+    assert {s.option for s in floors[False].plan.segments} & {"offload", "chunk"}, "the eager floor uses them"
+    assert {s.option for s in floors[True].plan.segments} <= {"keep", "selective", "checkpoint", "tile"}
+    assert floors[True].min_bytes >= floors[False].min_bytes
+    with pytest.warns(UserWarning, match="offload do nothing under torch.compile"):
+        optimize_(entry.model, *entry.inputs, budget=0.9, loss_fn=entry.loss_fn, allow=("offload", "checkpoint"),
+                  compiled=True, measure=False)
+    convmem.restore_(entry.model)
+    with pytest.raises(ValueError, match="lossy=True"):
+        optimize_(entry.model, *entry.inputs, budget=0.5, lossy=True, compiled=True)
+    assert not wrapper_state(entry.model)
+
+
 def test_a_measured_smallest_budget_leaves_room_for_the_next_measurement(monkeypatch):
     # A measured peak moves by a few hundred KiB between runs: the smallest feasible budget named
     # from a measurement carries a 0.2% margin, so that passing it back is accepted.
