@@ -308,18 +308,24 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
+def _model_arguments(sub: argparse.ArgumentParser, autocast_help: str) -> None:
+    """The model and its example input, as `build` reads them (profile and optimize alike)."""
+    sub.add_argument("model", help=f"zoo:NAME ({', '.join(zoo.names())}) or path/to/file.py:factory")
+    sub.add_argument("--size", choices=("small", "default"), default="default", help="zoo input size")
+    sub.add_argument("--batch", type=int, help="zoo: batch size")
+    sub.add_argument("--length", type=int, help="zoo: input length (samples; mel frames for hifigan)")
+    sub.add_argument("--input", action="append", default=[],
+                     help="your model: input shape such as 8x1x160000 (repeat for several inputs)")
+    sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    sub.add_argument("--autocast", choices=sorted(AUTOCAST), help=autocast_help)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convmem", description="Where a Conv1d model's GPU memory goes, and how to cut it.")
     sub = p.add_subparsers(dest="command", required=True)
 
     prof = sub.add_parser("profile", help="per-module memory of one training step")
-    prof.add_argument("model", help=f"zoo:NAME ({', '.join(zoo.names())}) or path/to/file.py:factory")
-    prof.add_argument("--size", choices=("small", "default"), default="default", help="zoo input size")
-    prof.add_argument("--batch", type=int, help="zoo: batch size")
-    prof.add_argument("--length", type=int, help="zoo: input length (samples; mel frames for hifigan)")
-    prof.add_argument("--input", action="append", default=[], help="your model: input shape such as 8x1x160000 (repeat for several inputs)")
-    prof.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    prof.add_argument("--autocast", choices=sorted(AUTOCAST), help="profile under CUDA autocast")
+    _model_arguments(prof, autocast_help="profile under CUDA autocast")
     prof.add_argument("--device", default="cpu", help="cpu (estimate only; default) or cuda (measured too)")
     prof.add_argument("--measure", action="store_true", help="also run the real step on --device (times on CPU)")
     prof.add_argument("--gpu-memory", help="the longest input that fits this much, e.g. 80GiB")
@@ -335,15 +341,9 @@ def parser() -> argparse.ArgumentParser:
                     "training step fits --budget at the least extra time, verify on a small float64 copy that the "
                     "plan changes no number, and explain it (docs/optimize.md).",
     )
-    opt.add_argument("model", help=f"zoo:NAME ({', '.join(zoo.names())}) or path/to/file.py:factory")
+    _model_arguments(opt, autocast_help="plan the step under CUDA autocast")
     opt.add_argument("--budget", required=True,
                      help="peak bytes such as 2GiB or 1.5GB, or a share of the untouched peak: 25%% or 0.25")
-    opt.add_argument("--size", choices=("small", "default"), default="default", help="zoo input size")
-    opt.add_argument("--batch", type=int, help="zoo: batch size")
-    opt.add_argument("--length", type=int, help="zoo: input length (samples; mel frames for hifigan)")
-    opt.add_argument("--input", action="append", default=[], help="your model: input shape such as 8x1x160000")
-    opt.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    opt.add_argument("--autocast", choices=sorted(AUTOCAST), help="plan the step under CUDA autocast")
     opt.add_argument("--allow", default=",".join(OPTIONS),
                      help="options the planner may use, comma-separated (default: all exact ones)")
     opt.add_argument("--device", help="cuda (measures before and after), meta (plans from the estimate, allocates "
