@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -51,6 +51,19 @@ def commit() -> str:
         return os.environ.get("CONVMEM_COMMIT", "unknown")
 
 
+def cuda_times(fn: Callable[[], Any], repeats: int) -> List[float]:
+    """Milliseconds of each of `repeats` calls of `fn`, timed by CUDA events around each."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def measure_strategy(entry: zoo.ZooEntry, prepared, repeats: int, device: torch.device) -> Dict[str, float]:
     """Peak bytes and step times of ``prepared.step()`` (see strategies.Prepared).
 
@@ -64,16 +77,11 @@ def measure_strategy(entry: zoo.ZooEntry, prepared, repeats: int, device: torch.
         prepared.step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            prepared.step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    if cuda:
+        times = cuda_times(prepared.step, repeats)
+    else:
+        times = []
+        for _ in range(repeats):
             began = time.perf_counter()
             prepared.step()
             times.append((time.perf_counter() - began) * 1e3)

@@ -57,14 +57,7 @@ ELEMENTS = 2**28
 
 
 def _timed(fn, repeats: int):
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = harness.cuda_times(fn, repeats)
     return statistics.median(times), min(times), max(times)
 
 
