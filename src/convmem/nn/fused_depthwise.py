@@ -64,6 +64,11 @@ def _check_activation(activation: Optional[str]) -> Optional[str]:
     return activation
 
 
+def _read_through(name: str) -> property:
+    """A read-only attribute of the wrapped conv, under the same name."""
+    return property(lambda self: getattr(self.wrapped, name), doc=f"The wrapped conv's ``{name}``.")
+
+
 class FusedDepthwiseConv1d(ModuleWrapper):
     """Depthwise Conv1d + bias + activation in one kernel; keeps only its input and weights for backward.
 
@@ -121,45 +126,16 @@ class FusedDepthwiseConv1d(ModuleWrapper):
         return module
 
     # The conv's arguments, read through, as nn.Conv1d has them.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.wrapped.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.wrapped.bias
-
-    @property
-    def in_channels(self) -> int:
-        return self.wrapped.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.wrapped.out_channels
-
-    @property
-    def kernel_size(self) -> tuple:
-        return self.wrapped.kernel_size
-
-    @property
-    def stride(self) -> tuple:
-        return self.wrapped.stride
-
-    @property
-    def padding(self) -> Union[tuple, str]:
-        return self.wrapped.padding
-
-    @property
-    def dilation(self) -> tuple:
-        return self.wrapped.dilation
-
-    @property
-    def groups(self) -> int:
-        return self.wrapped.groups
-
-    @property
-    def padding_mode(self) -> str:
-        return self.wrapped.padding_mode
+    weight = _read_through("weight")
+    bias = _read_through("bias")
+    in_channels = _read_through("in_channels")
+    out_channels = _read_through("out_channels")
+    kernel_size = _read_through("kernel_size")
+    stride = _read_through("stride")
+    padding = _read_through("padding")
+    dilation = _read_through("dilation")
+    groups = _read_through("groups")
+    padding_mode = _read_through("padding_mode")
 
     @property
     def depth_multiplier(self) -> int:
