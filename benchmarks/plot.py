@@ -12,15 +12,19 @@ from collections import defaultdict
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def read(name: str, statuses=("ok",)):
+def rows_of_every_run(name: str, statuses=("ok",)):
+    """Every row of results/<name>.csv whose status is in `statuses` (None: any), of every run."""
     path = os.path.join(RESULTS, f"{name}.csv")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] in statuses]
-    # The newest row of each (model, strategy) wins: re-runs replace older measurements.
+        return [r for r in csv.DictReader(f) if statuses is None or r["status"] in statuses]
+
+
+def read(name: str, statuses=("ok",)):
+    """`rows_of_every_run`, the newest row of each (model, strategy) only: re-runs replace older ones."""
     latest = {}
-    for r in rows:
+    for r in rows_of_every_run(name, statuses):
         latest[(r["model"], r["strategy"])] = r
     return list(latest.values())
 
@@ -85,15 +89,6 @@ def frontier(points):
             best = m
             out.append((t, m))
     return out
-
-
-def rows_of_every_run(name: str):
-    """Every row with status ok, of every run (``read`` keeps the newest per model and strategy)."""
-    path = os.path.join(RESULTS, f"{name}.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in csv.DictReader(f) if r["status"] == "ok"]
 
 
 def session_anchors():

@@ -89,7 +89,7 @@ def _plan_text(note: str) -> str:
 def optimize_table() -> str:
     """Must-show 1: each share of the eager peak, planned with every exact option and measured,
     beside the eager fp32 step of the same run."""
-    rows = _all_rows("optimize")
+    rows = read("optimize", statuses=None)
     eager = {(r["model"], r.get("run")): r for r in rows_of_every_run("optimize") if r["strategy"] == "eager_fp32"}
     lines = ["| model | budget (of eager) | status | measured peak GiB | budget GiB | vs eager | step ms | vs eager | estimate GiB | plan (blocks in order) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -118,20 +118,6 @@ def optimize_table() -> str:
                                f"{commits}; each row against the eager step of its own run.)")
 
 
-def _all_rows(name: str):
-    """Every row of a CSV (not only status ok), the newest per (model, strategy)."""
-    import csv
-
-    path = os.path.join(os.path.dirname(__file__), "results", f"{name}.csv")
-    if not os.path.exists(path):
-        return []
-    latest = {}
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            latest[(r["model"], r["strategy"])] = r
-    return list(latest.values())
-
-
 def plan_rows():
     """convmem's measured plans (newest per model and strategy), any regime."""
     return [r for r in read("optimize", statuses=("ok", "over")) if r["strategy"].startswith("convmem_")]
@@ -145,7 +131,7 @@ def comparable(anchor: str, regime: str) -> bool:
 
 def matched_table() -> str:
     """Must-show 2, asked directly: at 99% of each anchor's memory, in its regime, is convmem faster?"""
-    rows = _all_rows("optimize")
+    rows = read("optimize", statuses=None)
     anchors = {(r["model"], r.get("run"), r["strategy"]): r for r in rows_of_every_run("optimize")
                if r["strategy"] in ANCHOR_NAMES}
     lines = ["| model | anchor | anchor GiB | anchor ms | convmem plan (regime) | GiB | ms | faster at less memory |",
