@@ -236,11 +236,14 @@ class Checkpointed(ModuleWrapper):
         kept = self._kept_ops(module, index, args, kwargs) if self.policy == "selective" else None
         modules = list(module.modules())
         has_buffers = any(b is not None for m in modules for b in m._buffers.values())
-        simulated = _simulated_autocast(args)
+        autocast = autocast_state(_device_type(args))
+        # torch.utils.checkpoint re-enters a real autocast region in the recompute, never the
+        # estimate's simulated one (NOTE [Simulated autocast]): that one is re-entered here.
+        simulated = autocast if autocast is not None and "simulated" in autocast else None
         replay = None
-        if (kept is not None and kept.conv_calls is not None and self._by_module and simulated is None
-                and not _autocast_on(args)):
-            replay = (module, kept.conv_calls)  # NOTE [Selective recompute by module]
+        if (kept is not None and kept.conv_calls is not None and self._by_module
+                and (autocast is None or autocast.get("enabled") is False)):
+            replay = (module, kept.conv_calls)  # NOTE [Selective recompute by module]: not under autocast
         if kept is None and not has_buffers and simulated is None:
             context_fn = noop_context_fn
         else:
@@ -362,18 +365,9 @@ def _changed(now: Optional[torch.Tensor], before: torch.Tensor, copy: torch.Tens
     return now is not before or before.is_meta or not torch.equal(before, copy)
 
 
-def _simulated_autocast(args: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
-    """The estimate's simulated CUDA autocast, if it is on (meta tensors): torch.utils.checkpoint
-    re-enters a real autocast region in the recompute, never this one (NOTE [Simulated autocast])."""
+def _device_type(args: Tuple[Any, ...]) -> str:
     tensors = tensors_in(args)
-    state = autocast_state(tensors[0].device.type) if tensors else None
-    return state if state is not None and "simulated" in state else None
-
-
-def _autocast_on(args: Tuple[Any, ...]) -> bool:
-    tensors = tensors_in(args)
-    kind = tensors[0].device.type if tensors else "cpu"
-    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return tensors[0].device.type if tensors else "cpu"
 
 
 def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...]],
@@ -563,8 +557,7 @@ def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, 
 def _autocast_like(args: Tuple[Any, ...]) -> ContextManager:
     # Real autocast does not act on meta tensors; the simulated one casts as it would, so that the
     # probe's dtypes (and the casts between its ops) match the real run's.
-    tensors = tensors_in(args)
-    device_type = tensors[0].device.type if tensors else "cpu"
+    device_type = _device_type(args)
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return SimulatedAutocast(torch.get_autocast_dtype(device_type))
     return contextlib.nullcontext()
