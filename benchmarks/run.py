@@ -30,6 +30,7 @@ BENCHES = {
         "convmem_tiled_model_8192_batch2": strategies.convmem_tiled_model(8192, batch_chunk=2),
         **{f"convmem_tiled_model_{n}_batch1": strategies.convmem_tiled_model(n, batch_chunk=1) for n in (16384, 21846)},
         "convmem_tile_8192": strategies.convmem_tile(8192),
+        **{f"convmem_tiled_selective_{n}": strategies.convmem_tiled_model(n, selective=True) for n in (8192, 12288)},
     }, ()),
 }
 

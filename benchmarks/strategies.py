@@ -136,16 +136,22 @@ def convmem_tile(tile_length: int) -> Callable:
     return prepare
 
 
-def convmem_tiled_model(tile_length: int, **options) -> Callable:
+def convmem_tiled_model(tile_length: int, selective: bool = False, **options) -> Callable:
     """The whole model as one tiled module (``convmem.nn.Tiled(model, n, **options)``): only the
-    model's input and output exist at full length. Local models only (tcn, wavenet, hifigan)."""
+    model's input and output exist at full length. Local models only (tcn, wavenet, hifigan).
+    `selective`: its blocks selectively checkpointed first, so that a window keeps less."""
 
     def prepare(entry) -> Optional[Prepared]:
+        import convmem
         from convmem.nn.tiled import Tiled
 
-        model = Tiled(entry.model, tile_length, **options)
+        model = entry.model
+        if selective:
+            convmem.checkpoint_(model, policy="selective")
+        model = Tiled(model, tile_length, **options)
         extra = "".join(f", {k}={v}" for k, v in options.items())
-        return Prepared(model, entry.inputs, entry.loss_fn, note=f"Tiled(model{extra})")
+        inner = "checkpoint_(model, 'selective')" if selective else "model"
+        return Prepared(model, entry.inputs, entry.loss_fn, note=f"Tiled({inner}{extra})")
 
     return prepare
 

@@ -302,17 +302,25 @@ class _TiledFunction(torch.autograd.Function):
                 inputs = ([xw] if need_x else []) + [leaves[i] for i in extra_wrt] + [runner.params[i] for i in param_wrt]
                 if not outs or not inputs:
                     continue
-                got = list(torch.autograd.grad(outs, inputs, seeds, allow_unused=True))
+                got = iter(torch.autograd.grad(outs, inputs, seeds, allow_unused=True))
                 if need_x:
-                    g = got.pop(0)
+                    g = next(got)
                     if g is not None:
                         gb = grad_x if chunk == batch else grad_x.narrow(0, b, rows)
                         gb.narrow(runner.axis, w.start, w.stop - w.start).add_(g)
+                sums, terms = [], []
                 for store, index in ((grad_extras, extra_wrt), (grad_params, param_wrt)):
                     for i in index:
-                        g = got.pop(0)
-                        if g is not None:
-                            store[i] = g if store[i] is None else store[i].add_(g)
+                        g = next(got)
+                        if g is None:
+                            continue
+                        if store[i] is None:
+                            store[i] = g
+                        else:
+                            sums.append(store[i])
+                            terms.append(g)
+                if sums:  # one launch for every parameter's sum, not one per parameter and window
+                    torch._foreach_add_(sums, terms)
         return (None, grad_x, *grad_extras, *grad_params)
 
 
