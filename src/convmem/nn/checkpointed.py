@@ -156,6 +156,8 @@ def resolve_policy(policy: str) -> str:
 class Checkpointed(ModuleWrapper):
     # NOTE [Selective recompute by module]: False forces the dispatch-mode version (benchmarks compare them).
     _by_module = True
+    # NOTE [Selective recompute in one Function]: False keeps torch.utils.checkpoint (benchmarks compare them).
+    _one_function = True
 
     """Run ``wrapped`` under non-reentrant activation checkpointing; same outputs, gradients and buffers.
 
@@ -248,7 +250,8 @@ class Checkpointed(ModuleWrapper):
         if (kept is not None and kept.conv_calls is not None and self._by_module
                 and (autocast is None or autocast.get("enabled") is False)):
             replay = (module, kept.conv_calls)  # NOTE [Selective recompute by module]: not under autocast
-            if kept.residual and not kept.writes_inputs:  # NOTE [Selective recompute in one Function]
+            # NOTE [Selective recompute in one Function]
+            if self._one_function and kept.residual and not kept.writes_inputs:
                 contexts = _buffer_contexts(modules) if has_buffers else (contextlib.nullcontext(),) * 2
                 return run_recomputed(module, args, kwargs, named, kept.conv_calls, kept.skipped, kept.random, contexts)
         if kept is None and not has_buffers and simulated is None:
