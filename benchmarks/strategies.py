@@ -112,7 +112,8 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
         for m in entry.model.modules():
             if isinstance(m, Checkpointed):
                 m._by_module = by_module  # False: PyTorch's dispatch-mode selective checkpointing
-                m._one_function = one_function  # False: by module through torch.utils.checkpoint        forward = torch.compile(entry.model) if compile_model else None
+                m._one_function = one_function  # False: by module through torch.utils.checkpoint
+        forward = torch.compile(entry.model) if compile_model else None
         return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
                         note="torch.compile" if compile_model else "")
 
