@@ -102,8 +102,7 @@ COMPILE_ANCHORS: Dict[str, Callable] = {
 
 # ------------------------------------------------------------------------------ convmem
 
-def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool = True,
-                       one_function: bool = True) -> Callable:
+def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool = True) -> Callable:
     def prepare(entry) -> Prepared:
         import convmem
         from convmem.nn.checkpointed import Checkpointed
@@ -112,7 +111,6 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
         for m in entry.model.modules():
             if isinstance(m, Checkpointed):
                 m._by_module = by_module  # False: PyTorch's dispatch-mode selective checkpointing
-                m._one_function = one_function  # False: by module through torch.utils.checkpoint
         forward = torch.compile(entry.model) if compile_model else None
         return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
                         note="torch.compile" if compile_model else "")
@@ -162,7 +160,6 @@ CONVMEM: Dict[str, Callable] = {
     "convmem_checkpoint_full": convmem_checkpoint("full"),
     "convmem_checkpoint_selective": convmem_checkpoint("selective"),
     "convmem_checkpoint_selective_sac": convmem_checkpoint("selective", by_module=False),
-    "convmem_checkpoint_selective_utils": convmem_checkpoint("selective", one_function=False),
     "convmem_selective_compiled": convmem_checkpoint("selective", compile_model=True),
     "convmem_tile_8192": convmem_tile(8192),
 }

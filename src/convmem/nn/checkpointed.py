@@ -109,7 +109,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..profile.autocast_sim import SimulatedAutocast, autocast_region, autocast_state
 from ..profile.estimate import meta_clone, to_meta
 from ..profile.recorder import tensors_in
-from ._conv_replay import CallKey, KeepConvOutputs, ReplayConvOutputs, replayable, run_recomputed
+from ._conv_replay import CallKey, KeepConvOutputs, ReplayConvOutputs, replayable
 from ._wrapper import ModuleWrapper
 
 try:  # public since PyTorch 2.5
@@ -128,9 +128,6 @@ _aten = torch.ops.aten
 _EXPENSIVE_OPS = frozenset(
     {_aten.convolution.default, _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
 )
-# Ops whose backward hands the output gradient on as it is (a residual add): NOTE [Selective
-# recompute in one Function].
-_ADDS = frozenset({_aten.add.Tensor, _aten.add_.Tensor})
 
 
 def selective_available() -> bool:
@@ -156,8 +153,6 @@ def resolve_policy(policy: str) -> str:
 class Checkpointed(ModuleWrapper):
     # NOTE [Selective recompute by module]: False forces the dispatch-mode version (benchmarks compare them).
     _by_module = True
-    # NOTE [Selective recompute in one Function]: False keeps torch.utils.checkpoint (benchmarks compare them).
-    _one_function = True
 
     """Run ``wrapped`` under non-reentrant activation checkpointing; same outputs, gradients and buffers.
 
@@ -239,8 +234,7 @@ class Checkpointed(ModuleWrapper):
                 return checkpoint(module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
             return checkpoint(module, *args, use_reentrant=False, **kwargs)
         kept = self._kept_ops(module, index, args, kwargs) if self.policy == "selective" else None
-        named = dict(module.named_modules())
-        modules = list(named.values())
+        modules = list(module.modules())
         has_buffers = any(b is not None for m in modules for b in m._buffers.values())
         autocast = autocast_state(_device_type(args))
         # torch.utils.checkpoint re-enters a real autocast region in the recompute, never the
@@ -250,10 +244,6 @@ class Checkpointed(ModuleWrapper):
         if (kept is not None and kept.conv_calls is not None and self._by_module
                 and (autocast is None or autocast.get("enabled") is False)):
             replay = (module, kept.conv_calls)  # NOTE [Selective recompute by module]: not under autocast
-            # NOTE [Selective recompute in one Function]
-            if self._one_function and kept.residual and not kept.writes_inputs:
-                contexts = _buffer_contexts(modules) if has_buffers else (contextlib.nullcontext(),) * 2
-                return run_recomputed(module, args, kwargs, named, kept.conv_calls, kept.skipped, kept.random, contexts)
         if kept is None and not has_buffers and simulated is None:
             context_fn = noop_context_fn
         else:
@@ -364,12 +354,9 @@ class _Recompute:
 
 
 def _restore(statistics: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-    # Through `.data`, which does not share the version counter: the recompute's batch_norm saved
-    # the statistics for a backward that does not read them in train mode, and a version bump would
-    # make that backward refuse them (NOTE [Selective recompute in one Function]).
     with _disable_current_modes(), torch.no_grad():
         for b, value in statistics:
-            b.data.copy_(value)
+            b.copy_(value)
 
 
 def _changed(now: Optional[torch.Tensor], before: torch.Tensor, copy: torch.Tensor) -> bool:
@@ -383,12 +370,6 @@ def _device_type(args: Tuple[Any, ...]) -> str:
     return tensors[0].device.type if tensors else "cpu"
 
 
-def _buffer_contexts(modules: List[nn.Module]) -> Tuple[ContextManager, ContextManager]:
-    """Entered around the first forward and around each recompute: NOTE [Buffers are updated once]."""
-    first_forward = _FirstForward(modules)
-    return first_forward, _Recompute(first_forward)
-
-
 def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...]],
               simulated: Optional[Dict[str, Any]] = None,
               replay: Optional[Tuple[nn.Module, Tuple[CallKey, ...]]] = None):
@@ -396,9 +377,9 @@ def _contexts(modules: Optional[List[nn.Module]], keep: Optional[Tuple[bool, ...
     forward: List[ContextManager] = []
     recompute: List[ContextManager] = [autocast_region(simulated)] if simulated is not None else []
     if modules is not None:
-        first_forward, recomputed = _buffer_contexts(modules)
+        first_forward = _FirstForward(modules)
         forward.append(first_forward)
-        recompute.append(recomputed)
+        recompute.append(_Recompute(first_forward))
     if replay is not None:
         block, calls = replay
         kept = KeepConvOutputs({name: block.get_submodule(name) for name, _ in calls}, calls)
@@ -482,10 +463,6 @@ class _Lineage(TorchDispatchMode):
         self.running: List[CallKey] = []  # module calls under way, innermost last (kept by `enter`/`leave`)
         self._calls: Dict[str, int] = {}
         self.mutated: Set[int] = set()  # expensive op calls whose output is later written in place
-        self.random = False  # did an op draw random numbers (dropout)?
-        self.inputs: Set[int] = set()  # ids of the storages of the block's tensor arguments
-        self.writes_inputs = False  # did an op write into one of them?
-        self.made_by = WeakIdKeyDictionary()  # storage -> the op that last wrote it
         self._sources = WeakIdKeyDictionary()  # storage -> indices of the expensive ops it depends on
         self._producer = WeakIdKeyDictionary()  # storage -> index of the expensive op that made it
 
@@ -495,8 +472,6 @@ class _Lineage(TorchDispatchMode):
             producer = self._producer.get(tensor.untyped_storage())
             if producer is not None:
                 self.mutated.add(producer)
-            self.writes_inputs |= id(tensor.untyped_storage()) in self.inputs
-        self.random |= torch.Tag.nondeterministic_seeded in func.tags
         out = func(*args, **kwargs)
         if func in _EXPENSIVE_OPS:
             index = len(self.needed)
@@ -511,7 +486,6 @@ class _Lineage(TorchDispatchMode):
         for t in tensors_in(out):
             storage = t.untyped_storage()
             self._sources[storage] = self._sources.get(storage, frozenset()) | sources
-            self.made_by[storage] = func
         return out
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -539,16 +513,10 @@ def _written_tensors(func, args, kwargs) -> List[torch.Tensor]:
 
 class _KeptOps(NamedTuple):
     """What the probe found: per expensive op call, keep its output? And, when every kept output
-    comes from a replayable Conv1d call, those calls (NOTE [Selective recompute by module]), the
-    replayable conv calls whose outputs nothing saved depends on, whether the block draws random
-    numbers and whether it writes into its inputs (NOTE [Selective recompute in one Function])."""
+    comes from a replayable Conv1d call, those calls (NOTE [Selective recompute by module])."""
 
     keep: Tuple[bool, ...]
     conv_calls: Optional[Tuple[CallKey, ...]]
-    skipped: Tuple[CallKey, ...] = ()
-    random: bool = True
-    writes_inputs: bool = True
-    residual: bool = False  # every output is made by an add: NOTE [Selective recompute in one Function]
 
 
 def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[_KeptOps]:
@@ -569,9 +537,8 @@ def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, 
                 m.register_forward_pre_hook(functools.partial(lineage.enter, name))
                 m.register_forward_hook(functools.partial(lineage.leave, name), always_call=True)
             meta_args, meta_kwargs = to_meta(args), to_meta(kwargs)
-            lineage.inputs = {id(t.untyped_storage()) for t in tensors_in((meta_args, meta_kwargs))}
             with _autocast_like(args), torch.autograd.graph.saved_tensors_hooks(lineage.pack, _identity), lineage:
-                outputs = tensors_in(clone(*meta_args, **meta_kwargs))
+                clone(*meta_args, **meta_kwargs)
     except Exception as error:  # any failure only costs the selective part, never correctness
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         warnings.warn(
@@ -584,12 +551,7 @@ def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, 
     modules = dict(clone.named_modules())
     calls = [lineage.issuers[i] for i, k in enumerate(keep) if k]
     replay = all(call is not None and replayable(modules[call[0]]) for call in calls)
-    skipped = tuple(
-        call for i, (needed, call) in enumerate(zip(lineage.needed, lineage.issuers))
-        if not needed and i not in lineage.mutated and call is not None and replayable(modules[call[0]])
-    )
-    residual = bool(outputs) and all(lineage.made_by.get(t.untyped_storage()) in _ADDS for t in outputs)
-    return _KeptOps(keep, tuple(calls) if replay else None, skipped, lineage.random, lineage.writes_inputs, residual)
+    return _KeptOps(keep, tuple(calls) if replay else None)
 
 
 def _autocast_like(args: Tuple[Any, ...]) -> ContextManager:
