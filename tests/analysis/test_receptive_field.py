@@ -224,6 +224,22 @@ def test_windows_of_the_docstring_example():
     assert [w.crops[0][1:] for w in windows] == [(0, 4), (4, 4), (8, 2)]
 
 
+def test_long_windows_are_multiples_of_eight_samples():
+    """NOTE [Aligned windows]: tcn's 510-sample halos would make its end windows 8,702 samples long."""
+    stack = nn.Sequential(*(nn.Conv1d(1, 1, 3, dilation=d, padding=d) for d in (1, 2, 4, 8, 16, 32, 64, 128)))
+    rf = receptive_field(stack, _x(1, 4096))
+    assert (rf.left, rf.right) == (255, 255)
+    windows = plan_windows(rf, 65531, 8192)
+    assert all((w.stop - w.start) % 8 == 0 for w in windows)
+    assert windows[0].start == 0 and windows[-1].stop == 65531
+    covered = [(w.crops[0][1], w.crops[0][1] + w.crops[0][2]) for w in windows]
+    assert covered == [(k * 8192, min(65531, (k + 1) * 8192)) for k in range(8)]
+    for w in windows:  # every kept output still has its whole receptive field inside the window
+        offset, first, count = w.crops[0]
+        assert first - offset == w.start and w.start <= max(0, first - 255)
+        assert w.stop >= min(65531, first + count + 255)
+
+
 def test_reflect_padding_at_the_ends_reads_inwards():
     """NOTE [Edge reads]: output 0 of a reflect-padded conv reads inputs up to its padding."""
     conv = nn.Conv1d(1, 1, 15, dilation=7, padding=87, padding_mode="reflect", stride=2)

@@ -12,6 +12,14 @@
 # at the sequence's true ends the window's padding is the untiled run's padding. The halo is thus
 # only as large as the receptive field needs, and each window's outputs outside the tile's own range
 # are cropped.
+#
+# NOTE [Aligned windows]
+# Where the sequence allows, a window of 256 samples or more is also a multiple of 8 samples long
+# (of lcm(8, P)): some more context on the right (or, at the sequence's end, on the left), cropped
+# like the rest; shorter windows, where 7 more samples would be a larger share, are left as they are. GPU
+# convolution kernels pick slower code paths for lengths that are not: on an H200 a tcn training
+# step on 8,702 samples took 16.3 ms and on 8,704 samples 13.6 ms, and 8,702 is the length of the
+# first and last windows of 8,192-sample tiles with tcn's 510-sample halos.
 """
 from __future__ import annotations
 
@@ -22,6 +30,9 @@ from typing import List, Tuple
 from .receptive_field import ReceptiveField
 
 __all__ = ["Window", "plan_windows"]
+
+_ALIGN = 8  # window lengths in multiples of this many samples where they can be (NOTE [Aligned windows])
+_ALIGN_FROM = 256  # for windows at least this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +56,7 @@ def plan_windows(rf: ReceptiveField, length: int, tile_length: int) -> List[Wind
     if tile_length < period or tile_length % period:
         raise ValueError(f"tile_length {tile_length} must be a positive multiple of the alignment period {period}")
     out_lengths = rf.output_lengths(length)
+    align = period * _ALIGN // math.gcd(period, _ALIGN)
     tiles = max(1, math.ceil(length / tile_length))
     windows = []
     for k in range(tiles):
@@ -68,6 +80,13 @@ def plan_windows(rf: ReceptiveField, length: int, tile_length: int) -> List[Wind
             if stop == length:
                 start = min(start, rf.edge_start(length) // period * period)
             stop = min(length, start - (-(stop - start) // period) * period)  # whole periods
+            aligned = -(-(stop - start) // align) * align  # NOTE [Aligned windows]
+            if stop - start < _ALIGN_FROM:
+                pass
+            elif start + aligned <= length:
+                stop = start + aligned
+            elif stop == length and stop - aligned >= 0 and (stop - aligned) % period == 0:
+                start = stop - aligned
             # A window the module rejects (a kernel longer than a short intermediate) grows to one it takes.
             while not rf.valid_length(stop - start) and stop < length:
                 stop = min(length, stop + period)
