@@ -319,7 +319,7 @@ class _TiledFunction(torch.autograd.Function):
                         else:
                             sums.append(store[i])
                             terms.append(g)
-                if sums:  # one launch for every parameter's sum, not one per parameter and window
+                if sums:  # a few launches for all the parameters' sums, not one per parameter and window
                     torch._foreach_add_(sums, terms)
         return (None, grad_x, *grad_extras, *grad_params)
 
