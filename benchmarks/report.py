@@ -187,6 +187,7 @@ SECTIONS = {
         r["strategy"] for r in read("strategies")}),
     "lossy": lambda: strategy_table("lossy"),
     "tile_curve": lambda: strategy_table("tile_curve"),
+    "host_time": lambda: strategy_table("host_time"),
     "tiling": tiling_table,
 }
 

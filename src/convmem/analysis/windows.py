@@ -18,9 +18,9 @@
 # (of lcm(8, P)): some more context on the right (or, at the sequence's end, on the left), cropped
 # like the rest; shorter windows, where 7 more samples would be a larger share, are left as they
 # are. GPU convolution kernels pick slower code paths for lengths that are not: on an H200 a tcn
-# training step on 8,702 samples took 16.3 ms and on 8,704 samples 13.6 ms, and 8,702 is the length
-# of the first and last windows of 8,192-sample tiles with tcn's 510-sample halos. Aligning to 32,
-# 128 or 512 samples measured the same as 8.
+# training step on 8,702 samples took 16.2-16.3 ms and on 8,704 samples 13.6-15.0 ms (two runs), and
+# 8,702 is the length of the first and last windows of 8,192-sample tiles with tcn's 510-sample
+# halos. Aligning to 32, 128 or 512 samples measured the same as 8.
 """
 from __future__ import annotations
 
