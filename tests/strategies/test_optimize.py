@@ -177,10 +177,45 @@ def test_compiled_plans_are_judged_by_the_compiled_step(monkeypatch):
     monkeypatch.setattr(module, "_measure_compiled", fake_compiled)
     monkeypatch.setattr(module, "_measure", no_eager)
     plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
-    assert len(measured) == 2, "the plan over the budget when compiled must be replaced"
+    assert measured[0] > budget and len(measured) >= 2, "the plan over the budget when compiled must be replaced"
     assert plan.measured_compiled and plan.measured_peak_bytes <= budget
     assert plan.predicted_peak_bytes < eager.predicted_peak_bytes
     assert "measured under torch.compile" in plan.explain()
+
+
+@pytest.mark.parametrize("faster_fits", [True, False])
+def test_a_plan_measured_well_under_the_budget_makes_room_for_a_faster_one(monkeypatch, faster_fits):
+    # NOTE [Using the slack]: the compiled step "measures" 30% under the estimate, and a plan's step
+    # time is its predicted extra time. A faster plan in that room is kept if it fits and measures
+    # faster; one that measures over the budget is dropped and the accepted plan put back on.
+    from convmem.profile import estimate_step
+    from convmem.strategies import optimize as module
+
+    entry = small("tcn", **TINY["tcn"])
+    first = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=0.6, loss_fn=entry.loss_fn, allow=EXACT,
+                      measure=False)
+    budget = first.budget_bytes
+    tried = []
+
+    def fake_compiled(model, inputs, loss_fn, autocast, plan, say):
+        peak = plan.estimated_peak_bytes * 7 // 10
+        if tried and not faster_fits:
+            peak = budget + 1
+        tried.append(plan)
+        plan.measured_peak_bytes, plan.measured_step_s, plan.measured_compiled = peak, 1.0 + plan.predicted_extra_s, True
+
+    monkeypatch.setattr(module, "_on_cuda", lambda model, inputs: True)
+    monkeypatch.setattr(module, "_measure_compiled", fake_compiled)
+    plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    assert len(tried) >= 2, "the room left must be tried"
+    assert tried[1].predicted_extra_s < tried[0].predicted_extra_s
+    assert plan.measured_peak_bytes <= budget
+    if faster_fits:
+        assert plan is not tried[0] and plan.predicted_extra_s < tried[0].predicted_extra_s
+    else:
+        assert plan is tried[0] and len(tried) == 2
+    # The model carries the plan returned, not the last one tried.
+    assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes == plan.estimated_peak_bytes
 
 
 def test_compiled_plans_use_only_options_that_act_under_compile():
