@@ -40,8 +40,9 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # measured at least 5% under the budget, optimize_ solves once more with the solver's budget raised
 # by that slack (never up to a plan already judged over the budget), judges the faster plan the
 # model finds the same way, and keeps it only if it is within the budget and its measured step is
-# faster; otherwise the accepted plan goes back on. At most two such rounds, and only when
-# measuring on a GPU: the estimate alone has no measured time to settle a faster-on-paper plan.
+# faster; otherwise (over the budget, slower, or out of GPU memory) the accepted plan goes back on.
+# At most two such rounds, and only when measuring on a GPU: the estimate alone has no measured
+# time to settle a faster-on-paper plan.
 """
 from __future__ import annotations
 
@@ -279,7 +280,13 @@ def optimize_(
             candidate = make(faster)
             say(f"measured {format_bytes(target - peak)} under the budget; trying "
                 f"{', '.join(sorted({s.label for s in candidate.segments}))}")
-            candidate_peak = judged(candidate)
+            try:
+                candidate_peak = judged(candidate)
+            except torch.cuda.OutOfMemoryError:  # keeps more than the card holds: the accepted plan stands
+                say("the faster plan ran out of GPU memory; keeping the accepted one")
+                over.append(faster.peak)
+                apply_(model, plan)
+                break
             if candidate_peak <= target and candidate.measured_step_s < plan.measured_step_s:
                 plan, solution, peak = candidate, faster, candidate_peak
                 continue
