@@ -68,9 +68,7 @@ def copy_bandwidth() -> float:
     for _ in range(3):
         dst.copy_(src)
     ms, _, _ = _timed(lambda: dst.copy_(src), 20)
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    return nbytes / (ms * 1e-3)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def _kept_bytes(fn) -> int:
@@ -164,7 +162,6 @@ def _measure_kernel(common, dtype, copy_bps):
     fused["speedup"] = round(pytorch["ms"] / fused["ms"], 3)
     ours, theirs = results["convmem"], results["pytorch"]
     fused["err_y"], fused["err_gx"], fused["err_gw"] = (round(_rel(a, e), 8) for a, e in zip(ours, theirs))
-    del results, ours, theirs, x, w, b, g
     return [pytorch, fused]
 
 
@@ -204,7 +201,7 @@ def tune_rows(base, copy_bps, out_csv: str):
                 _append(out_csv, row)
                 print(f"[tune] {dtype_name} K={kernel:<2} tile {tile:<5} warps {warps}: step {ms:8.3f} ms "
                       f"(forward {fwd_ms:7.3f} ms) {100 * row['frac_copy']:5.1f}% of copy", flush=True)
-            del x, w, b, g
+            x = w = b = g = None  # free this size's tensors before the cache is emptied (the closures above read them)
             torch.cuda.empty_cache()
     dw._TUNING.update(default)
 

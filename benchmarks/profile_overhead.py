@@ -11,22 +11,13 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from harness import cuda_times  # noqa: E402
 
 from convmem import zoo  # noqa: E402
 from convmem.profile.recorder import StepRecorder  # noqa: E402
-
-
-def timed(fn, n=3):
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -53,10 +44,10 @@ def main() -> int:
             ):
                 step(make())
                 step(make())
-                results[label] = timed(lambda: step(make()))
+                results[label] = statistics.median(cuda_times(lambda: step(make()), 3))
                 print(f"  {name} {dtype} {label}: {results[label]:.1f} ms", flush=True)
             print(f"{name:15s} {str(dtype):15s} " + "  ".join(f"{k} {v:9.1f} ms" for k, v in results.items()), flush=True)
-            del entry
+            entry = resident = None  # free this model before the cache is emptied (step reads entry)
             torch.cuda.empty_cache()
     return 0
 
