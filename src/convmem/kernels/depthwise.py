@@ -65,6 +65,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .._checks import positive_int
+
 __all__ = ["ACTIVATIONS", "depthwise_conv1d", "depthwise_conv1d_ref", "resolve_padding", "triton_available",
            "kernels_usable"]
 
@@ -150,12 +152,11 @@ def _nonnegative_int(value, what: str) -> int:
     return int(value)
 
 
-def _positive_int(value, what: str) -> int:
+def _single_positive_int(value, what: str) -> int:
+    """An int >= 1, also given as a one-element tuple or list (as nn.Conv1d stores its stride)."""
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
+    return positive_int(value, what)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
@@ -181,8 +182,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; cast them to one dtype (or use torch.autocast)")
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    stride = _positive_int(stride, "stride")
-    dilation = _positive_int(dilation, "dilation")
+    stride = _single_positive_int(stride, "stride")
+    dilation = _single_positive_int(dilation, "dilation")
     left, right = resolve_padding(padding, kernel_size, dilation, stride)
     length_out = (x.shape[2] + left + right - dilation * (kernel_size - 1) - 1) // stride + 1
     if length_out < 1:

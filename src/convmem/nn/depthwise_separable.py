@@ -31,26 +31,18 @@
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _single
 
+from .._checks import positive_int
 from .fused_depthwise import FusedDepthwiseConv1d
 
 __all__ = ["DepthwiseSeparableConv1d"]
 
 _Padding = Union[int, str]
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{what} must be a positive integer (>= 1), got {value}")
-    return int(value)
 
 
 class DepthwiseSeparableConv1d(nn.Module):
@@ -96,8 +88,8 @@ class DepthwiseSeparableConv1d(nn.Module):
         super().__init__()
         if fused and padding_mode != "zeros":
             raise ValueError(f"fused=True needs padding_mode='zeros' (the fused kernel pads with zeros), got {padding_mode!r}")
-        depth_multiplier = _positive_int(depth_multiplier, "depth_multiplier")
-        in_channels = _positive_int(in_channels, "in_channels")
+        depth_multiplier = positive_int(depth_multiplier, "depth_multiplier")
+        in_channels = positive_int(in_channels, "in_channels")
         if padding == "same" and any(s != 1 for s in _single(stride)):
             raise ValueError(
                 f"padding='same' needs stride 1, got stride={stride}: a strided conv's output is "
@@ -192,7 +184,7 @@ class DepthwiseSeparableConv1d(nn.Module):
             )
         out_channels, in_channels, kernel_size = conv.weight.shape
         full_rank = min(out_channels, kernel_size)
-        r = full_rank if rank is None else min(_positive_int(rank, "rank"), full_rank)
+        r = full_rank if rank is None else min(positive_int(rank, "rank"), full_rank)
 
         weight = conv.weight.detach()
         with torch.no_grad():

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .depthwise_separable import _positive_int
+from .._checks import positive_int
 
 __all__ = ["DownsampleConv1d", "MODES", "downsample", "lowpass_filter"]
 
@@ -67,7 +67,7 @@ def downsample(x: torch.Tensor, factor: int, mode: str = "avg") -> torch.Tensor:
         >>> downsample(torch.arange(7.0).view(1, 1, 7), 3, "avg")
         tensor([[[1., 4., 6.]]])
     """
-    factor = _positive_int(factor, "factor")
+    factor = positive_int(factor, "factor")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if x.dim() != 3:
@@ -119,7 +119,7 @@ class DownsampleConv1d(nn.Module):
         super().__init__()
         if not isinstance(conv, nn.Conv1d):
             raise TypeError(f"DownsampleConv1d wraps an nn.Conv1d, got {type(conv).__name__}")
-        self.factor = _positive_int(factor, "factor")
+        self.factor = positive_int(factor, "factor")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(restore_length, bool):

@@ -23,9 +23,10 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
+from .._checks import positive_int
 from .._metrics import relative_error, sqnr_db
 from .._units import format_bytes
-from ..nn.depthwise_separable import DepthwiseSeparableConv1d, _positive_int
+from ..nn.depthwise_separable import DepthwiseSeparableConv1d
 from ._common import (
     ConfigDict,
     FilterFn,
@@ -59,7 +60,7 @@ class DepthwiseSeparableConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         if self.rank is not None:
-            _positive_int(self.rank, "rank")
+            positive_int(self.rank, "rank")
 
 
 @dataclasses.dataclass

@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
+from .._checks import positive_int
 from .._units import format_bytes
-from ..nn.depthwise_separable import _positive_int
 from ..nn.downsample import MODES, DownsampleConv1d
 from ._common import (
     ConfigDict,
@@ -68,7 +68,7 @@ class DownsampleConfig(ConfigDict):
     restore_length: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int(self.factor, "factor")
+        positive_int(self.factor, "factor")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.restore_length, bool):

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from convmem._checks import positive_int
 from convmem.zoo import basenji, conformer_conv, convtasnet, hifigan, resnet1d, tcn, w2v2_fe, wavenet
 from convmem.zoo._entry import ZooEntry
 from convmem.zoo._workload import Workload
@@ -71,9 +72,9 @@ def get(
         raise ValueError(f"unknown size {size!r}; choose one of: {', '.join(_SIZES)}")
     shape = list(workload.default_shape if size == "default" else workload.small_shape)
     if batch is not None:
-        shape[0] = _positive_int("batch", batch)
+        shape[0] = positive_int(batch, "batch")
     if length is not None:
-        shape[-1] = _positive_int("length", length)
+        shape[-1] = positive_int(length, "length")
     if shape[-1] < workload.min_length:
         raise ValueError(f"{name} needs length >= {workload.min_length}, got {shape[-1]}")
     _check_model_kwargs(workload, model_kwargs)
@@ -113,12 +114,6 @@ def _lookup(name: str) -> Workload:
         return _WORKLOADS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown zoo model {name!r}; choose one of: {', '.join(_WORKLOADS)}") from None
-
-
-def _positive_int(what: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_model_kwargs(workload: Workload, model_kwargs: Dict[str, Any]) -> None:
