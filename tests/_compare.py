@@ -11,6 +11,11 @@ from convmem._metrics import relative_error
 from convmem.profile.step import default_loss
 
 
+def seeded_randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A normal tensor from its own generator (float64 by default): the same numbers in every test."""
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
 def step_results(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[Callable] = None, steps: int = 1):
     """Outputs of the last step, input grads, parameter grads (by name) and buffers after `steps`."""
     inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from _compare import assert_same_step
+from _compare import assert_same_step, seeded_randn
 from convmem.nn import checkpointed as checkpointed_module
 from convmem.nn.checkpointed import Checkpointed, selective_available
 from convmem.zoo.tcn import TCNBlock
@@ -18,10 +18,6 @@ from convmem.zoo.wavenet import WaveNetLayer
 
 needs_selective = pytest.mark.skipif(not selective_available(), reason="selective checkpointing needs PyTorch >= 2.5")
 POLICIES = ["full", pytest.param("selective", marks=needs_selective)]
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
 class ConvBNBlock(nn.Module):
@@ -46,7 +42,7 @@ def test_gradcheck_on_a_tiny_block():
     # "full" only: gradcheck runs backward many times through one graph, and PyTorch's selective
     # checkpointing allows one backward per forward (its exactness is checked against "full" below).
     block = Checkpointed(_block()).eval()  # eval: BatchNorm is a fixed affine map, as gradcheck needs
-    x = _x(2, 4, 7).requires_grad_()
+    x = seeded_randn(2, 4, 7).requires_grad_()
     assert torch.autograd.gradcheck(block, (x,))
 
 
@@ -55,13 +51,13 @@ def test_gradcheck_on_a_tiny_block():
 def test_batchnorm_statistics_updated_once(policy, early_stop):
     block = _block()
     with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
-        assert_same_step(block, Checkpointed(copy.deepcopy(block), policy), [_x(3, 4, 11)], steps=3)
+        assert_same_step(block, Checkpointed(copy.deepcopy(block), policy), [seeded_randn(3, 4, 11)], steps=3)
 
 
 def test_plain_checkpoint_updates_batchnorm_twice():
     # The problem the test above guards against (pytorch issue 96136), so that it can fail.
     block, twin = _block(), _block()
-    x = _x(3, 4, 11).requires_grad_()
+    x = seeded_randn(3, 4, 11).requires_grad_()
     block(x).square().mean().backward()
     checkpoint(twin, x, use_reentrant=False).square().mean().backward()
     assert block.bn.num_batches_tracked.item() == 1 and twin.bn.num_batches_tracked.item() == 2
@@ -82,9 +78,9 @@ class SpectralBlock(nn.Module):
 
 def test_buffers_the_weight_depends_on_are_replayed():
     block = _block(SpectralBlock)
-    assert_same_step(block, Checkpointed(copy.deepcopy(block)), [_x(2, 4, 9)], steps=2)
+    assert_same_step(block, Checkpointed(copy.deepcopy(block)), [seeded_randn(2, 4, 9)], steps=2)
     # Plain checkpointing gets the gradients wrong here: the test above can fail.
-    x = _x(2, 4, 9).requires_grad_()
+    x = seeded_randn(2, 4, 9).requires_grad_()
     twin = copy.deepcopy(block)
     block(x).square().sum().backward()
     checkpoint(twin, x, use_reentrant=False).square().sum().backward()
@@ -117,12 +113,12 @@ class Seeded(nn.Module):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_dropout_masks_are_replayed(policy):
     block = _block(DropoutBlock)
-    assert_same_step(Seeded(block), Seeded(Checkpointed(copy.deepcopy(block), policy)), [_x(2, 4, 16)])
+    assert_same_step(Seeded(block), Seeded(Checkpointed(copy.deepcopy(block), policy)), [seeded_randn(2, 4, 16)])
 
 
 def test_without_rng_replay_the_dropout_test_fails():
     block = _block(DropoutBlock)
-    x = _x(2, 4, 16).requires_grad_()
+    x = seeded_randn(2, 4, 16).requires_grad_()
     twin = copy.deepcopy(block)
     torch.manual_seed(1234)
     block(x).square().sum().backward()
@@ -135,12 +131,12 @@ def test_without_rng_replay_the_dropout_test_fails():
 def test_selective_keeps_the_conv_outputs_backward_needs():
     # TCN block x + pointwise(GELU(dilated(x))): GELU saves the dilated conv's output; the
     # pointwise conv's output feeds only the add, which saves nothing.
-    kept = checkpointed_module._probe_kept_ops(_block(TCNBlock, 4, 3, 2), (_x(2, 4, 9),), {})
+    kept = checkpointed_module._probe_kept_ops(_block(TCNBlock, 4, 3, 2), (seeded_randn(2, 4, 9),), {})
     assert kept.keep == (True, False) and kept.conv_calls == (("dilated", 0),)
     # WaveNet layer: tanh and sigmoid save their outputs, computed from the dilated conv's output;
     # the skip and residual 1x1 outputs are not needed.
     layer = _block(WaveNetLayer, 4, 8, 4, 2, 1)
-    kept = checkpointed_module._probe_kept_ops(layer, (_x(2, 4, 9),), {})
+    kept = checkpointed_module._probe_kept_ops(layer, (seeded_randn(2, 4, 9),), {})
     assert kept.keep == (True, False, False) and kept.conv_calls == (("dilated.conv", 0),)
 
 
@@ -159,8 +155,8 @@ class InplaceReLUBlock(nn.Module):
 def test_selective_recomputes_conv_outputs_modified_in_place():
     block = _block(InplaceReLUBlock)
     # relu_ overwrites conv1's output: keeping it would keep the ReLU's output instead.
-    assert checkpointed_module._probe_kept_ops(block, (_x(2, 4, 9),), {}).keep == (False, False)
-    assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [_x(2, 4, 9)])
+    assert checkpointed_module._probe_kept_ops(block, (seeded_randn(2, 4, 9),), {}).keep == (False, False)
+    assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [seeded_randn(2, 4, 9)])
 
 
 class ValueDependent(nn.Module):
@@ -180,7 +176,7 @@ def test_selective_falls_back_to_full_where_the_probe_cannot_run():
     block = _block(ValueDependent)
     wrapped = Checkpointed(copy.deepcopy(block), "selective")
     with pytest.warns(UserWarning, match="ValueDependent.*policy='full'"):
-        assert_same_step(block, wrapped, [_x(2, 4, 9)])
+        assert_same_step(block, wrapped, [seeded_randn(2, 4, 9)])
 
 
 def test_selective_without_pytorch_support_falls_back_to_full(monkeypatch):
@@ -189,7 +185,7 @@ def test_selective_without_pytorch_support_falls_back_to_full(monkeypatch):
     with pytest.warns(UserWarning, match="PyTorch >= 2.5.*policy='full'"):
         wrapped = Checkpointed(copy.deepcopy(block), "selective")
     assert wrapped.policy == "full"
-    assert_same_step(block, wrapped, [_x(2, 4, 9)], steps=2)
+    assert_same_step(block, wrapped, [seeded_randn(2, 4, 9)], steps=2)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -198,7 +194,7 @@ def test_segments_of_a_sequential(policy):
     chain = nn.Sequential(ConvBNBlock(), nn.MaxPool1d(2), ConvBNBlock(), ConvBNBlock(), nn.GELU()).double()
     wrapped = Checkpointed(copy.deepcopy(chain), policy, segments=(2, 1, 2))
     assert "segments=(2, 1, 2)" in repr(wrapped)
-    assert_same_step(chain, wrapped, [_x(2, 4, 17)], steps=3)
+    assert_same_step(chain, wrapped, [seeded_randn(2, 4, 17)], steps=3)
 
 
 def test_bad_segments_and_policy_are_rejected():
@@ -225,7 +221,7 @@ def test_no_grad_runs_the_module_directly(monkeypatch):
     wrapped = Checkpointed(copy.deepcopy(block))
     monkeypatch.setattr(checkpointed_module, "checkpoint", lambda *a, **k: pytest.fail("checkpointed under no_grad"))
     with torch.no_grad():
-        assert torch.equal(wrapped(_x(2, 4, 5)), block(_x(2, 4, 5)))
+        assert torch.equal(wrapped(seeded_randn(2, 4, 5)), block(seeded_randn(2, 4, 5)))
 
 
 def test_forward_passes_keyword_arguments():
@@ -239,7 +235,7 @@ def test_forward_passes_keyword_arguments():
 
     gate = _block(Gate)
     wrapped = Checkpointed(copy.deepcopy(gate))
-    x, scale = _x(2, 4, 5).requires_grad_(), _x(2, 4, 5, seed=1).requires_grad_()
+    x, scale = seeded_randn(2, 4, 5).requires_grad_(), seeded_randn(2, 4, 5, seed=1).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wrapped(x, scale=scale).sum().backward()
@@ -300,9 +296,10 @@ def test_selective_by_module_is_exact_without_a_dispatch_mode(monkeypatch, weigh
     _no_dispatch_mode(monkeypatch)
     torch.manual_seed(0)
     block = NormActBlock(weight_norm=weight_norm).double()
-    kept = checkpointed_module._probe_kept_ops(block, (_x(2, 4, 9),), {})
+    kept = checkpointed_module._probe_kept_ops(block, (seeded_randn(2, 4, 9),), {})
     assert kept.conv_calls == (("conv1", 0),)
-    assert_same_step(Seeded(block), Seeded(Checkpointed(copy.deepcopy(block), "selective")), [_x(3, 4, 37)], steps=3)
+    wrapped = Checkpointed(copy.deepcopy(block), "selective")
+    assert_same_step(Seeded(block), Seeded(wrapped), [seeded_randn(3, 4, 37)], steps=3)
 
 
 class UpsampleBlock(nn.Module):
@@ -324,9 +321,9 @@ def test_selective_by_module_replays_transposed_convolutions(monkeypatch):
     _no_dispatch_mode(monkeypatch)
     torch.manual_seed(0)
     block = UpsampleBlock().double()
-    kept = checkpointed_module._probe_kept_ops(block, (_x(2, 4, 9),), {})
+    kept = checkpointed_module._probe_kept_ops(block, (seeded_randn(2, 4, 9),), {})
     assert kept.conv_calls == (("up", 0), ("conv", 0))
-    assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [_x(2, 4, 23)], steps=2)
+    assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [seeded_randn(2, 4, 23)], steps=2)
 
 
 @needs_selective
@@ -350,8 +347,8 @@ def test_selective_by_module_keeps_what_the_dispatch_mode_keeps(monkeypatch):
 @needs_selective
 def test_selective_uses_the_dispatch_mode_where_a_conv_cannot_be_replayed():
     same = NormActBlock(padding="same").double()
-    assert checkpointed_module._probe_kept_ops(same, (_x(2, 4, 9),), {}).conv_calls is None
-    assert_same_step(Seeded(same), Seeded(Checkpointed(copy.deepcopy(same), "selective")), [_x(2, 4, 21)])
+    assert checkpointed_module._probe_kept_ops(same, (seeded_randn(2, 4, 9),), {}).conv_calls is None
+    assert_same_step(Seeded(same), Seeded(Checkpointed(copy.deepcopy(same), "selective")), [seeded_randn(2, 4, 21)])
     # Under autocast the casts around each convolution would have to be replayed too.
     block = NormActBlock()
     wrapped = Checkpointed(copy.deepcopy(block), "selective")

@@ -15,17 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import convmem
-from _compare import assert_same_step, step_results
+from _compare import assert_same_step, seeded_randn, step_results
 from convmem.nn._wrapper import ModuleWrapper, replace_submodule
 from convmem.nn.checkpointed import Checkpointed, selective_available
 from convmem.profile import estimate_step
 
 needs_selective = pytest.mark.skipif(not selective_available(), reason="selective checkpointing needs PyTorch >= 2.5")
 POLICIES = ["full", pytest.param("selective", marks=needs_selective)]
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
 class ConvBN(nn.Module):
@@ -93,7 +89,7 @@ def _assert_buffers_bitwise(reference, optimized):
 def test_statistics_advance_once_bitwise(policy, momentum):
     block = _seeded(ConvBN, momentum=momentum)
     wrapped = Checkpointed(copy.deepcopy(block), policy)
-    assert_same_step(block, wrapped, [_x(3, 4, 11)], steps=3)
+    assert_same_step(block, wrapped, [seeded_randn(3, 4, 11)], steps=3)
     _assert_buffers_bitwise(block, wrapped)
     assert wrapped.wrapped.bn.num_batches_tracked.item() == 3
 
@@ -102,7 +98,7 @@ def test_statistics_advance_once_bitwise(policy, momentum):
 def test_batchnorm_called_twice_in_the_block(policy):
     block = _seeded(SharedBN)
     wrapped = Checkpointed(copy.deepcopy(block), policy)
-    assert_same_step(block, wrapped, [_x(3, 4, 11)], steps=3)
+    assert_same_step(block, wrapped, [seeded_randn(3, 4, 11)], steps=3)
     _assert_buffers_bitwise(block, wrapped)
     assert wrapped.wrapped.bn.num_batches_tracked.item() == 6
 
@@ -112,7 +108,7 @@ def test_batchnorm_called_inside_and_outside_the_checkpoint(policy):
     model = _seeded(OutsideToo, _seeded(ConvBN))
     optimized = copy.deepcopy(model)
     optimized.block = Checkpointed(optimized.block, policy)
-    assert_same_step(model, optimized, [_x(3, 4, 11)], steps=2)
+    assert_same_step(model, optimized, [seeded_randn(3, 4, 11)], steps=2)
     _assert_buffers_bitwise(model, optimized)
 
 
@@ -122,24 +118,24 @@ def test_nested_checkpoints(policy):
     optimized = copy.deepcopy(model)
     optimized.inner = Checkpointed(optimized.inner, policy)
     optimized = Checkpointed(optimized, "full")
-    assert_same_step(model, optimized, [_x(3, 4, 11)], steps=2)
+    assert_same_step(model, optimized, [seeded_randn(3, 4, 11)], steps=2)
     _assert_buffers_bitwise(model, optimized)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_eval_mode_batchnorm(policy):
     block = _seeded(ConvBN)
-    step_results(block, [_x(3, 4, 11, seed=1)])  # running statistics away from their initial values
+    step_results(block, [seeded_randn(3, 4, 11, seed=1)])  # running statistics away from their initial values
     block.eval()
     wrapped = Checkpointed(copy.deepcopy(block), policy)
-    assert_same_step(block, wrapped, [_x(3, 4, 11)], steps=2)
+    assert_same_step(block, wrapped, [seeded_randn(3, 4, 11)], steps=2)
     _assert_buffers_bitwise(block, wrapped)
 
 
 def test_second_backward_recomputes_from_the_same_statistics():
     block = _seeded(ConvBN)
     wrapped = Checkpointed(copy.deepcopy(block))
-    x = _x(3, 4, 11).requires_grad_()
+    x = seeded_randn(3, 4, 11).requires_grad_()
     for model in (block, wrapped):
         loss = model(x).square().mean()
         loss.backward(retain_graph=True)
@@ -151,7 +147,7 @@ def test_second_backward_recomputes_from_the_same_statistics():
 
 def test_a_recompute_that_raises_leaves_the_statistics_alone():
     block = Checkpointed(_seeded(ConvBN))
-    loss = block(_x(3, 4, 11).requires_grad_()).square().mean()
+    loss = block(seeded_randn(3, 4, 11).requires_grad_()).square().mean()
     after_forward = copy.deepcopy(block.state_dict())
 
     def fail(module, args, output):

@@ -16,15 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from _compare import assert_same_step, step_results
+from _compare import assert_same_step, seeded_randn, step_results
 from convmem.nn import Checkpointed, OffloadGroup, Offloaded, restore_
 from convmem.nn.offloaded import DEFAULT_MIN_BYTES
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _x(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def _block(channels=4, seed=0):
@@ -68,13 +64,13 @@ def _stored(group):
 
 def test_gradcheck_on_a_tiny_block():
     block = _offloaded(_block())
-    assert torch.autograd.gradcheck(block, (_x(2, 4, 5).requires_grad_(),))
+    assert torch.autograd.gradcheck(block, (seeded_randn(2, 4, 5).requires_grad_(),))
     assert block.group.bytes_offloaded > 0
 
 
 def test_chain_is_exact_and_prefetches_in_backward_order():
     reference, optimized, group = _chain()
-    assert_same_step(reference, optimized, [_x(2, 4, 9)])
+    assert_same_step(reference, optimized, [seeded_randn(2, 4, 9)])
     # Backward reaches the last call first: it and the one before it are copied back; then each
     # earlier call as backward reaches the one after it. Nothing was fetched on demand.
     assert group.events == [("prefetch", 2), ("prefetch", 1), ("prefetch", 0)]
@@ -82,7 +78,7 @@ def test_chain_is_exact_and_prefetches_in_backward_order():
 
 def test_no_prefetch_copies_each_call_back_when_reached():
     reference, optimized, group = _chain(group=OffloadGroup(prefetch=0, record_events=True))
-    assert_same_step(reference, optimized, [_x(2, 4, 9)])
+    assert_same_step(reference, optimized, [seeded_randn(2, 4, 9)])
     assert group.events == [("prefetch", 2), ("prefetch", 1), ("prefetch", 0)]
 
 
@@ -90,7 +86,7 @@ def test_steps_restart_the_chain_and_batchnorm_updates_once():
     reference = nn.Sequential(ConvBNBlock(), ConvBNBlock()).double()
     group = OffloadGroup(record_events=True)
     optimized = nn.Sequential(*[_offloaded(copy.deepcopy(b), group) for b in reference])
-    assert_same_step(reference, optimized, [_x(3, 4, 11)], steps=3)
+    assert_same_step(reference, optimized, [seeded_randn(3, 4, 11)], steps=3)
     assert group.events == [("prefetch", 1), ("prefetch", 0)] * 3
 
 
@@ -107,7 +103,7 @@ def test_storages_are_copied_once_and_views_come_back_as_views():
 
     module = Views()
     block = _offloaded(copy.deepcopy(module))
-    assert_same_step(module, block, [_x(2, 3, 7)])
+    assert_same_step(module, block, [seeded_randn(2, 3, 7)])
     # h alone (the input requires grad in assert_same_step: a leaf, kept where it is).
     assert block.group.bytes_offloaded == 2 * 3 * 7 * 8, block.group.bytes_offloaded
 
@@ -117,7 +113,7 @@ def test_a_block_output_saved_by_the_next_block_is_copied_once():
     reference = nn.Sequential(relu(), relu())
     group = OffloadGroup()
     optimized = nn.Sequential(*[_offloaded(copy.deepcopy(b), group) for b in reference])
-    assert_same_step(reference, optimized, [_x(2, 4, 9)])
+    assert_same_step(reference, optimized, [seeded_randn(2, 4, 9)])
     # block 0: the ReLU output; block 1: its input (the same storage) and its ReLU output.
     assert group.bytes_offloaded == 2 * (2 * 4 * 9 * 8)
 
@@ -132,7 +128,7 @@ def test_a_storage_written_in_place_between_saves_is_copied_again():
             return a.detach().sum() + b.sum()
 
     block = _offloaded(InPlace())
-    x = _x(2, 3, 5).requires_grad_()
+    x = seeded_randn(2, 3, 5).requires_grad_()
     block(x).backward()
     expected = x.detach() * 2 + 1
     assert torch.allclose(x.grad, -2 * expected.sin(), rtol=0, atol=1e-14)
@@ -148,7 +144,7 @@ def test_parameters_and_buffers_are_never_copied():
     group._copy_off = lambda storage, tensor, index: copied.append(tensor.untyped_storage().data_ptr()) or copy_off(
         storage, tensor, index
     )
-    x = _x(2, 4, 6)
+    x = seeded_randn(2, 4, 6)
     block(x * 1).sum().backward()  # x * 1: the block input is not a leaf, so it is copied too
     resident = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
     assert copied and not resident & set(copied)
@@ -170,13 +166,13 @@ def test_same_module_called_twice():
             return self.inner(torch.tanh(self.inner(x)))
 
     group = OffloadGroup(record_events=True)
-    assert_same_step(Twice(block), Twice(_offloaded(copy.deepcopy(block), group)), [_x(2, 4, 9)])
+    assert_same_step(Twice(block), Twice(_offloaded(copy.deepcopy(block), group)), [seeded_randn(2, 4, 9)])
     assert group.events == [("prefetch", 1), ("prefetch", 0)]
 
 
 def test_retain_graph_backward_twice():
     reference, optimized, group = _chain()
-    x = _x(2, 4, 9)
+    x = seeded_randn(2, 4, 9)
     grads = []
     for model in (reference, optimized):
         xi = x.clone().requires_grad_()
@@ -190,7 +186,7 @@ def test_retain_graph_backward_twice():
 
 def test_device_copies_are_dropped_after_use_and_host_copies_with_the_graph():
     _, optimized, group = _chain()
-    loss = optimized(_x(2, 4, 9)).sum()
+    loss = optimized(seeded_randn(2, 4, 9)).sum()
     stored = _stored(group)
     assert stored and all(s.restored is None and s.host is not None for s in stored)
     loss.backward(retain_graph=True)
@@ -212,7 +208,7 @@ def test_a_saved_tensor_backward_reaches_outside_the_outputs_is_fetched_on_deman
 
     group = OffloadGroup(record_events=True)
     block = _offloaded(Stash(), group)
-    x = _x(2, 4, 9).requires_grad_()
+    x = seeded_randn(2, 4, 9).requires_grad_()
     block(x)
     block.wrapped.stash.sum().backward()
     assert group.events == [("fetch", 0)]
@@ -225,7 +221,7 @@ def test_autocast_is_bitwise_unchanged():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.GELU(), nn.Conv1d(8, 4, 3, padding=1))
     block = _offloaded(copy.deepcopy(module))
-    x = _x(2, 4, 17, dtype=torch.float32)
+    x = seeded_randn(2, 4, 17, dtype=torch.float32)
     results = []
     for m in (module, block):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -241,14 +237,14 @@ def test_offloaded_inside_a_checkpointed_region_is_exact():
     group = OffloadGroup()
     inner = copy.deepcopy(reference)
     optimized = Checkpointed(nn.Sequential(_offloaded(inner[0], group), _offloaded(inner[1], group)))
-    assert_same_step(reference, optimized, [_x(3, 4, 11)], steps=2)
+    assert_same_step(reference, optimized, [seeded_randn(3, 4, 11)], steps=2)
 
 
 def test_checkpointed_inside_offloaded_offloads_its_inputs():
     reference = nn.Sequential(ConvBNBlock(), ConvBNBlock()).double()
     group = OffloadGroup(record_events=True)
     optimized = nn.Sequential(*[_offloaded(Checkpointed(copy.deepcopy(b)), group) for b in reference])
-    assert_same_step(reference, optimized, [_x(3, 4, 11)], steps=2)
+    assert_same_step(reference, optimized, [seeded_randn(3, 4, 11)], steps=2)
     # The second block's input (the first block's output) is the one tensor kept: on the host.
     assert group.bytes_offloaded == 2 * 3 * 4 * 11 * 8
     assert group.events == [("prefetch", 1)] * 2
@@ -264,12 +260,12 @@ def test_torch_checkpoint_in_the_forward_is_exact():
             return self.b(checkpoint(self.a, x, use_reentrant=False))
 
     module = Inner()
-    assert_same_step(module, _offloaded(copy.deepcopy(module)), [_x(2, 4, 9)])
+    assert_same_step(module, _offloaded(copy.deepcopy(module)), [seeded_randn(2, 4, 9)])
 
 
 def test_no_grad_and_cpu_tensors_are_left_alone():
     block = _block()
-    x = _x(2, 4, 9)
+    x = seeded_randn(2, 4, 9)
     group = OffloadGroup(record_events=True)
     plain = Offloaded(copy.deepcopy(block), min_bytes=0, group=group)  # CPU tensors: nothing to free
     assert_same_step(block, plain, [x])
@@ -280,7 +276,7 @@ def test_no_grad_and_cpu_tensors_are_left_alone():
 
 def test_min_bytes_keeps_small_storages():
     block = _offloaded(_block(), min_bytes=2 * 4 * 9 * 8 + 1)
-    step_results(block, [_x(2, 4, 9)])
+    step_results(block, [seeded_randn(2, 4, 9)])
     assert block.group.bytes_offloaded == 0
     assert Offloaded(_block()).min_bytes == DEFAULT_MIN_BYTES == 2**20
 
