@@ -153,29 +153,44 @@ def test_a_budget_met_by_a_returned_plan_is_accepted():
     assert again.estimated_peak_bytes <= met
 
 
-def test_compiled_plans_are_judged_by_the_compiled_step(monkeypatch):
-    # NOTE [Plans for compiled models]: where the compiled step goes over the budget, optimize_ must
-    # solve again below it, judging by the compiled measurement and never by the eager one. The GPU
-    # measurement is stood in for: the first compiled plan "measures" a tenth over the budget.
+def _planned_at(share: float):
+    """A tiny tcn and the budget an eager plan at `share` of its peak was given."""
+    entry = small("tcn", **TINY["tcn"])
+    eager = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=share, loss_fn=entry.loss_fn, allow=EXACT,
+                      measure=False)
+    return entry, eager
+
+
+def _compiled_measured_by(monkeypatch, fake) -> None:
+    """optimize_ on a stand-in GPU whose compiled step `fake(plan)` measures (no eager measurement)."""
     from convmem.strategies import optimize as module
 
-    entry = small("tcn", **TINY["tcn"])
-    eager = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=0.8, loss_fn=entry.loss_fn, allow=EXACT,
-                      measure=False)
-    budget = eager.budget_bytes
-    measured = []
-
-    def fake_compiled(model, inputs, loss_fn, autocast, plan, say):
-        over = budget + budget // 10 if not measured else plan.estimated_peak_bytes
-        measured.append(over)
-        plan.measured_peak_bytes, plan.measured_step_s, plan.measured_compiled = over, 1.0, True
+    def measure_compiled(model, inputs, loss_fn, autocast, plan, say):
+        fake(plan)
+        plan.measured_compiled = True
 
     def no_eager(*args):
         raise AssertionError("a compiled plan must not be judged by the eager step")
 
     monkeypatch.setattr(module, "_on_cuda", lambda model, inputs: True)
-    monkeypatch.setattr(module, "_measure_compiled", fake_compiled)
+    monkeypatch.setattr(module, "_measure_compiled", measure_compiled)
     monkeypatch.setattr(module, "_measure", no_eager)
+
+
+def test_compiled_plans_are_judged_by_the_compiled_step(monkeypatch):
+    # NOTE [Plans for compiled models]: where the compiled step goes over the budget, optimize_ must
+    # solve again below it, judging by the compiled measurement and never by the eager one. The GPU
+    # measurement is stood in for: the first compiled plan "measures" a tenth over the budget.
+    entry, eager = _planned_at(0.8)
+    budget = eager.budget_bytes
+    measured = []
+
+    def fake(plan):
+        over = budget + budget // 10 if not measured else plan.estimated_peak_bytes
+        measured.append(over)
+        plan.measured_peak_bytes, plan.measured_step_s = over, 1.0
+
+    _compiled_measured_by(monkeypatch, fake)
     plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
     assert measured[0] > budget and len(measured) >= 2, "the plan over the budget when compiled must be replaced"
     assert plan.measured_compiled and plan.measured_peak_bytes <= budget
@@ -189,15 +204,12 @@ def test_a_plan_measured_well_under_the_budget_makes_room_for_a_faster_one(monke
     # time is its predicted extra time. A faster plan in that room is kept if it fits and measures
     # faster; one that measures over the budget is dropped and the accepted plan put back on.
     from convmem.profile import estimate_step
-    from convmem.strategies import optimize as module
 
-    entry = small("tcn", **TINY["tcn"])
-    first = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=0.6, loss_fn=entry.loss_fn, allow=EXACT,
-                      measure=False)
+    entry, first = _planned_at(0.6)
     budget = first.budget_bytes
     tried = []
 
-    def fake_compiled(model, inputs, loss_fn, autocast, plan, say):
+    def fake(plan):
         peak = plan.estimated_peak_bytes * 7 // 10
         if tried and faster_fits == "oom":
             tried.append(plan)
@@ -205,10 +217,9 @@ def test_a_plan_measured_well_under_the_budget_makes_room_for_a_faster_one(monke
         if tried and not faster_fits:
             peak = budget + 1
         tried.append(plan)
-        plan.measured_peak_bytes, plan.measured_step_s, plan.measured_compiled = peak, 1.0 + plan.predicted_extra_s, True
+        plan.measured_peak_bytes, plan.measured_step_s = peak, 1.0 + plan.predicted_extra_s
 
-    monkeypatch.setattr(module, "_on_cuda", lambda model, inputs: True)
-    monkeypatch.setattr(module, "_measure_compiled", fake_compiled)
+    _compiled_measured_by(monkeypatch, fake)
     plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
     assert len(tried) >= 2, "the room left must be tried"
     assert tried[1].predicted_extra_s < tried[0].predicted_extra_s
