@@ -151,9 +151,6 @@ def resolve_policy(policy: str) -> str:
 
 
 class Checkpointed(ModuleWrapper):
-    # NOTE [Selective recompute by module]: False forces the dispatch-mode version (benchmarks compare them).
-    _by_module = True
-
     """Run ``wrapped`` under non-reentrant activation checkpointing; same outputs, gradients and buffers.
 
     Args:
@@ -180,6 +177,9 @@ class Checkpointed(ModuleWrapper):
     .. warning:: A module's forward hooks may fire again during the recompute, and backward can run
         once per forward (no ``retain_graph`` double backward with ``policy="selective"``).
     """
+
+    # NOTE [Selective recompute by module]: False forces the dispatch-mode version (benchmarks compare them).
+    _by_module = True
 
     def __init__(self, wrapped: nn.Module, policy: str = "full", segments: Optional[Sequence[int]] = None,
                  recompute: Optional[Sequence[bool]] = None):
