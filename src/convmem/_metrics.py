@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Dict, Optional
 
 import torch
 
@@ -33,3 +34,21 @@ def sqnr_db(approximation: torch.Tensor, reference: torch.Tensor) -> float:
     if signal == 0:
         return -math.inf
     return 20 * math.log10(signal / noise)
+
+
+def gradient_error(reference: Dict[str, Optional[torch.Tensor]], other: Dict[str, Optional[torch.Tensor]]) -> float:
+    """Relative L2 error of all gradients together, ``||a - b|| / ||b||`` over the gradients both
+    dicts hold: the change in the step an optimizer takes.
+
+    Not the worst tensor: a gradient that is zero in exact arithmetic (a conv bias before BatchNorm)
+    has no scale of its own, and any rounding makes its own relative error unbounded.
+    """
+    diff, norm = 0.0, 0.0
+    for name, ref in reference.items():
+        got = other.get(name)
+        if ref is None or got is None:
+            continue
+        ref, got = ref.detach().double(), got.detach().double()
+        diff += (got - ref).pow(2).sum().item()
+        norm += ref.pow(2).sum().item()
+    return (diff / norm) ** 0.5 if norm > 0 else 0.0

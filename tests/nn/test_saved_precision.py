@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import convmem
-from convmem.nn.saved_precision import LowPrecisionSaved, gradient_error
+from convmem._metrics import gradient_error
+from convmem.nn.saved_precision import LowPrecisionSaved
 from convmem.profile.estimate import estimate_step
 
 

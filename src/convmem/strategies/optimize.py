@@ -382,7 +382,7 @@ def _on_meta(inputs) -> bool:
 def step_gradient_error(reference: nn.Module, model: nn.Module, inputs, loss_fn, autocast) -> float:
     """Relative L2 error of `model`'s parameter and input gradients against `reference`'s,
     one training step on `inputs` each; both models come back as they were."""
-    from ..nn.saved_precision import gradient_error
+    from .._metrics import gradient_error
     from ..profile.measure import preserved
     from ..profile.step import default_loss
 
