@@ -15,7 +15,7 @@ whose host time is about its step time is launch-bound: time added on the host i
 the step.
 
 Rows are appended to benchmarks/results/host_time.csv (the harness's columns; host and kernel
-milliseconds in the note). Memory and time are measured as the harness does (harness.py).
+milliseconds in the note). Memory and step time are the harness's measurement (harness.measure_strategy).
 """
 from __future__ import annotations
 
@@ -37,39 +37,32 @@ from strategies import Prepared  # noqa: E402
 
 import convmem  # noqa: E402
 from convmem import zoo  # noqa: E402
-from convmem.profile.measure import reset_cuda_peak  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "host_time.csv")
 DEVICE = torch.device("cuda")
 LENGTHS = (8702, 8704, 9212, 9216, 10240, 17408, 32768, 65536)
 
 
-def measure(step, repeats: int = 5) -> dict:
-    """Peak bytes, median step ms (CUDA events), median host ms and the kernel ms of one step."""
-    step()  # warm-up: cuDNN plans, lazy allocations
-    torch.cuda.synchronize()
+def measure(entry, prepared: Prepared, repeats: int = 5) -> dict:
+    """The harness's peak and step times (harness.measure_strategy), the median host ms of a step
+    and the kernel ms of one profiled step."""
     gc.collect()
     torch.cuda.empty_cache()
-    reset_cuda_peak(DEVICE)
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated(DEVICE)
-    steps = harness.cuda_times(step, repeats)
+    result = harness.measure_strategy(entry, prepared, repeats, DEVICE)
     hosts = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         began = time.perf_counter()
-        step()
+        prepared.step()
         hosts.append((time.perf_counter() - began) * 1e3)
         torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
+        prepared.step()
         torch.cuda.synchronize()
     # Self device time is the kernels' own (operators above them have none of their own).
     kernels = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in prof.key_averages())
-    return {"peak_bytes": peak, "peak_gib": round(peak / 2**30, 4), "step_ms": statistics.median(steps),
-            "step_ms_min": min(steps), "step_ms_max": max(steps), "repeats": repeats,
-            "host_ms": statistics.median(hosts), "kernel_ms": kernels / 1e3}
+    return dict(result, peak_gib=round(result["peak_bytes"] / 2**30, 4), repeats=repeats,
+                host_ms=statistics.median(hosts), kernel_ms=kernels / 1e3)
 
 
 def record(base: dict, model: str, strategy: str, inputs, result: dict, note: str = "") -> dict:
@@ -89,7 +82,7 @@ def lengths(base: dict, name: str) -> None:
     for length in LENGTHS:
         x = full[..., :length].contiguous()
         prepared = Prepared(entry.model, (x,), entry.loss_fn)
-        result = measure(prepared.step)
+        result = measure(entry, prepared)
         points.append((length, result["step_ms"]))
         record(base, name, f"eager_length_{length}", (x,), result)
     n = len(points)
@@ -106,7 +99,7 @@ def selective(base: dict, names) -> None:
             model = entry.model if policy == "eager" else convmem.checkpoint_(copy.deepcopy(entry.model), policy=policy)
             prepared = Prepared(model, entry.inputs, entry.loss_fn)
             record(base, name, "eager_fp32" if policy == "eager" else f"convmem_checkpoint_{policy}", entry.inputs,
-                   measure(prepared.step))
+                   measure(entry, prepared))
             del model, prepared
             gc.collect()
             torch.cuda.empty_cache()
