@@ -109,7 +109,6 @@ class OptimizeConfig(ConfigDict):
             raise TypeError(f"{_STRATEGY}: lossy must be True or False, got {self.lossy!r}")
 
 
-
 def parse_budget(budget: Budget, eager_peak: int) -> int:
     """Bytes from ``4_000_000_000``, ``"4GiB"``, ``"25%"``, ``0.25`` or ``"0.25"`` (fractions of the
     untouched peak; a number up to 1 is a fraction, above it a byte count)."""
