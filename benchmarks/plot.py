@@ -113,13 +113,19 @@ REGIME_STYLE = {  # regime -> colour, marker, legend
 }
 
 
-def plot_optimize_pareto(plan_rows, plt):
+def plan_rows():
+    """convmem's measured plans (newest per model and strategy), any regime; "over": measured above
+    its budget."""
+    return [r for r in read("optimize", statuses=("ok", "over")) if r["strategy"].startswith("convmem_")]
+
+
+def plot_optimize_pareto(plans_of_every_model, plt):
     """One PNG per zoo model: the anchors (each at its best over this session's runs) and convmem's
     plans by regime, peak memory against step time, with the frontier of the exact fp32 plans."""
     anchors = session_anchors()
     written = []
-    for model in sorted({r["model"] for r in plan_rows}):
-        plans = [r for r in plan_rows if r["model"] == model]
+    for model in sorted({r["model"] for r in plans_of_every_model}):
+        plans = [r for r in plans_of_every_model if r["model"] == model]
         fig, ax = plt.subplots(figsize=(8, 5.2))
         for (m, name), (t, peak) in anchors.items():
             if m == model:
@@ -168,7 +174,7 @@ def main() -> int:
     all_rows = anchors + read("compile") + read("strategies")
     if all_rows:
         written.append(plot_pareto(all_rows, plt))
-    plans = [r for r in read("optimize", statuses=("ok", "over")) if r["strategy"].startswith("convmem_")]
+    plans = plan_rows()
     if plans:
         written += plot_optimize_pareto(plans, plt)
     print("\n".join(written))

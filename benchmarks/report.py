@@ -11,7 +11,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from plot import ANCHOR_NAMES, read, rows_of_every_run, session_anchors  # noqa: E402
+from plot import ANCHOR_NAMES, plan_rows, read, rows_of_every_run, session_anchors  # noqa: E402
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "BENCHMARKS.md")
 
@@ -116,11 +116,6 @@ def optimize_table() -> str:
     commits = ", ".join(sorted({r.get("commit", "?") for r in plans}))
     return "\n".join(lines) + (f"\n\n({first.get('device', '?')}, torch {first.get('torch', '?')}, commits "
                                f"{commits}; each row against the eager step of its own run.)")
-
-
-def plan_rows():
-    """convmem's measured plans (newest per model and strategy), any regime."""
-    return [r for r in read("optimize", statuses=("ok", "over")) if r["strategy"].startswith("convmem_")]
 
 
 def comparable(anchor: str, regime: str) -> bool:
