@@ -5,7 +5,8 @@ and sizes; `run` measures each combination the one way and appends a row per com
 the device, versions, commit and config. `benchmarks/plot.py` draws the PNGs from the CSVs.
 
 Memory: one warm-up step, synchronize, collect, empty the cache, reset the peak, one step, read
-``max_memory_allocated``. Time: the median of `repeats` further steps, each timed with CUDA
+``max_memory_allocated``, plus what CUDA-graph private pools reserve (a replay allocates nothing, so
+the counter does not see it: NOTE [Graphed windows] in convmem/nn/_window_graphs.py). Time: the median of `repeats` further steps, each timed with CUDA
 events. A training step is zero_grad(set_to_none) + forward + the zoo loss + backward (no
 optimizer, so that every row shares the same resident memory).
 """
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from convmem import zoo  # noqa: E402
 from convmem.cli import environment  # noqa: E402
 from convmem.profile import estimate_step  # noqa: E402
+from convmem.nn._window_graphs import graph_pool_bytes  # noqa: E402
 from convmem.profile.measure import reset_cuda_peak  # noqa: E402
 
 FIELDS = [
@@ -70,13 +72,14 @@ def measure_strategy(entry: zoo.ZooEntry, prepared, repeats: int, device: torch.
     Off CUDA (a smoke test of the harness itself) there is no peak and times are wall-clock.
     """
     cuda = device.type == "cuda"
-    prepared.step()  # warm-up: cuDNN plans, compilation, lazy allocations
+    for _ in range(getattr(prepared, "warmup_steps", 1)):  # cuDNN plans, compilation, graph captures
+        prepared.step()
     peak = None
     if cuda:
         reset_cuda_peak(device)
         prepared.step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device) + graph_pool_bytes()
     if cuda:
         times = cuda_times(prepared.step, repeats)
     else:

@@ -19,8 +19,10 @@ from convmem.nn._wrapper import ModuleWrapper, replace_submodule
 class Prepared:
     """One training step of a (transformed) zoo model: zero_grad, forward, loss, backward."""
 
-    def __init__(self, model: nn.Module, inputs, loss_fn, autocast_dtype=None, forward=None, note=""):
+    def __init__(self, model: nn.Module, inputs, loss_fn, autocast_dtype=None, forward=None, note="",
+                 warmup_steps=1):
         self.model = model
+        self.warmup_steps = warmup_steps  # steps before the measured one (graphs capture in the second)
         self.inputs = inputs
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
@@ -151,7 +153,8 @@ def convmem_tiled_model(tile_length: int, selective: bool = False, **options) ->
         model = Tiled(model, tile_length, **options)
         extra = "".join(f", {k}={v}" for k, v in options.items())
         inner = "checkpoint_(model, 'selective')" if selective else "model"
-        return Prepared(model, entry.inputs, entry.loss_fn, note=f"Tiled({inner}{extra})")
+        return Prepared(model, entry.inputs, entry.loss_fn, note=f"Tiled({inner}{extra})",
+                        warmup_steps=2 if options.get("cuda_graphs") else 1)
 
     return prepare
 

@@ -74,6 +74,7 @@ from ..analysis.receptive_field import (
 )
 from ..analysis.windows import Window, plan_windows
 from ..profile.autocast_sim import autocast_region, autocast_state
+from ._window_graphs import WindowGraphs, module_addresses
 from ._wrapper import ModuleWrapper
 
 __all__ = ["Tiled", "check_batch_chunk", "check_forward_tile_length", "check_tile_length", "check_tiling"]
@@ -149,7 +150,7 @@ class _Runner:
 
     def __init__(self, module: nn.Module, rf: ReceptiveField, windows: List[Window], axis: int,
                  args: Sequence[Any], kwargs: Dict[str, Any], forward_windows: Optional[List[Window]] = None,
-                 batch_chunk: Optional[int] = None):
+                 batch_chunk: Optional[int] = None, graphs: Optional[WindowGraphs] = None, key: Any = None):
         self.module, self.rf, self.windows, self.axis = module, rf, windows, axis
         self.forward_windows = windows if forward_windows is None else forward_windows  # NOTE [Forward windows]
         self.batch_chunk = batch_chunk  # samples per backward call, None for the whole batch (NOTE [Batch chunks])
@@ -158,6 +159,11 @@ class _Runner:
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.out_spec = None
         self.out_constants: List[Any] = []
+        # NOTE [Graphed windows]: only where a window's call reads nothing but its input and the module
+        tensor_leaves = any(isinstance(v, torch.Tensor) for v in self.leaves)
+        self.graphs = None if tensor_leaves or torch.compiler.is_compiling() else graphs
+        self.key = key
+        self.addresses = module_addresses(module) if self.graphs is not None else ()
 
     @property
     def grad_leaves(self) -> List[torch.Tensor]:
@@ -179,6 +185,58 @@ class _Runner:
             self.out_constants = [None if isinstance(v, torch.Tensor) else v for v in flat]
         return tensors
 
+    def _graphed(self, x: torch.Tensor) -> bool:
+        return self.graphs is not None and x.device.type == self.graphs.device_type
+
+    def call_window(self, window_input: torch.Tensor, grad_leaves: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """`call` on one forward window; replayed from a CUDA graph where enabled (the outputs are
+        then overwritten by the next window of the same shape)."""
+        if not self._graphed(window_input):
+            return self.call(window_input, grad_leaves)
+        key = ("forward", self.key, tuple(window_input.shape), window_input.dtype, _autocast_key())
+        structure = self.graphs.output_structure
+
+        def forward(xw: torch.Tensor) -> List[torch.Tensor]:
+            tensors = self.call(xw, ())
+            structure[key] = (self.out_spec, self.out_constants)
+            return tensors
+
+        outputs, _ = self.graphs.run(key, self.addresses, forward, [window_input])
+        if self.out_spec is None:  # a replay does not run `call`
+            self.out_spec, self.out_constants = structure[key]
+        return outputs
+
+    def window_gradients(self, w: Window, wanted: Sequence[int], xw: torch.Tensor, seeds: Sequence[torch.Tensor],
+                         extras: Sequence[torch.Tensor], need_x: bool, extra_wrt: Sequence[int],
+                         param_wrt: Sequence[int]) -> Tuple[List[Optional[torch.Tensor]], bool]:
+        """One backward window: recompute it with autograd and back-propagate `seeds`, the output
+        gradient's slices for the outputs `wanted`, to the window's input (if `need_x`), the extra
+        tensors `extra_wrt` and the parameters `param_wrt`, in that order ([] if nothing needs it).
+
+        Returns the gradients and whether they are a CUDA graph's static outputs, which the next
+        window of the same shape overwrites (NOTE [Graphed windows])."""
+
+        def step(xw: torch.Tensor, *seeds: torch.Tensor) -> List[Optional[torch.Tensor]]:
+            xw = xw.detach().requires_grad_(need_x)
+            leaves = [e.detach().requires_grad_(i in extra_wrt) for i, e in enumerate(extras)]
+            tensors = self.call(xw, leaves)
+            outs, used = [], []
+            for k, seed in zip(wanted, seeds):
+                offset, _, count = w.crops[k]
+                if tensors[k].requires_grad:
+                    outs.append(tensors[k].narrow(self.rf.outputs[k].axis, offset, count))
+                    used.append(seed)
+            inputs = ([xw] if need_x else []) + [leaves[i] for i in extra_wrt] + [self.params[i] for i in param_wrt]
+            if not outs or not inputs:
+                return []
+            return list(torch.autograd.grad(outs, inputs, used, allow_unused=True))
+
+        if not self._graphed(xw):
+            return step(xw, *seeds), False
+        crops = tuple((k, w.crops[k][0], w.crops[k][2]) for k in wanted)
+        key = ("backward", self.key, tuple(xw.shape), xw.dtype, crops, need_x, tuple(param_wrt), _autocast_key())
+        return self.graphs.run(key, self.addresses, step, [xw, *seeds])
+
     def window(self, x: torch.Tensor, w: Window) -> torch.Tensor:
         return x.narrow(self.axis, w.start, w.stop - w.start)
 
@@ -196,7 +254,7 @@ class _Runner:
         windows = self.forward_windows
         for w in windows:
             window = self.window(x, w)
-            tensors = self.call(move(window) if move is not None else window, grad_leaves)
+            tensors = self.call_window(move(window) if move is not None else window, grad_leaves)
             if outs is None or w is windows[0]:
                 shapes = []
                 for t, omap, n in zip(tensors, self.rf.outputs, lengths):
@@ -239,6 +297,13 @@ class _Runner:
     def unflatten(self, outs: Sequence[torch.Tensor]) -> Any:
         tensors = iter(outs)
         return tree_unflatten([next(tensors) if v is None else v for v in self.out_constants], self.out_spec)
+
+
+def _autocast_key() -> tuple:
+    """What a captured window baked in of CUDA autocast."""
+    if not torch.is_autocast_enabled("cuda"):
+        return ()
+    return (torch.get_autocast_dtype("cuda"),)
 
 
 def _may_copy_async(dst: torch.Tensor, src: torch.Tensor) -> bool:
@@ -288,21 +353,16 @@ class _TiledFunction(torch.autograd.Function):
                     continue
                 rows = batch if chunk == batch else min(chunk, batch - b)  # NOTE [Batch chunks]
                 xb = x if chunk == batch else x.narrow(0, b, rows)
-                xw = runner.window(xb, w).detach().requires_grad_(need_x)
-                leaves = [e.detach().requires_grad_(i in extra_wrt) for i, e in enumerate(extras)]
-                tensors = runner.call(xw, leaves)
-                outs, seeds = [], []
+                seeds = []
                 for k in wanted:
-                    offset, first, count = w.crops[k]
-                    axis = runner.rf.outputs[k].axis
-                    if tensors[k].requires_grad:
-                        outs.append(tensors[k].narrow(axis, offset, count))
-                        seed = grads[k] if chunk == batch else grads[k].narrow(0, b, rows)
-                        seeds.append(seed.narrow(axis, first, count))
-                inputs = ([xw] if need_x else []) + [leaves[i] for i in extra_wrt] + [runner.params[i] for i in param_wrt]
-                if not outs or not inputs:
+                    _, first, count = w.crops[k]
+                    seed = grads[k] if chunk == batch else grads[k].narrow(0, b, rows)
+                    seeds.append(seed.narrow(runner.rf.outputs[k].axis, first, count))
+                got, static = runner.window_gradients(w, wanted, runner.window(xb, w), seeds, extras, need_x,
+                                                      extra_wrt, param_wrt)
+                if not got:
                     continue
-                got = iter(torch.autograd.grad(outs, inputs, seeds, allow_unused=True))
+                got = iter(got)
                 if need_x:
                     g = next(got)
                     if g is not None:
@@ -315,7 +375,7 @@ class _TiledFunction(torch.autograd.Function):
                         if g is None:
                             continue
                         if store[i] is None:
-                            store[i] = g
+                            store[i] = g.clone() if static else g  # a graph's output is overwritten
                         else:
                             sums.append(store[i])
                             terms.append(g)
@@ -351,6 +411,13 @@ class Tiled(ModuleWrapper):
         on_refuse: ``"raise"`` a ValueError when the module turns out not to be length-local (or
             the tiling fails verification), or ``"warn"`` and run it untiled (what `tile_` uses).
         name: how messages name the module (default: its class name).
+        cuda_graphs: capture each window shape of a CUDA input once in a CUDA graph and replay it
+            for every window of that shape (NOTE [Graphed windows] in nn/_window_graphs.py): the
+            CPU no longer issues every kernel of every window, which is most of a launch-bound
+            window's time. The graphs' memory pool (about one window's activations) stays
+            reserved between steps until `release_graphs()`. Needs parameters updated in place
+            (torch.optim does) and no tensor argument besides the sequence; otherwise, and off
+            CUDA or under torch.compile, windows run as without it.
 
     Raises ValueError at construction for a bad `tile_length` or a module whose layers make it
     non-local in the current mode (BatchNorm in train mode, GroupNorm, circular padding, an active
@@ -374,7 +441,7 @@ class Tiled(ModuleWrapper):
 
     def __init__(self, module: nn.Module, tile_length: int, *, forward_tile_length: Optional[int] = None,
                  batch_chunk: Optional[int] = None, length_axis: int = -1, verify: bool = True,
-                 on_refuse: str = "raise", name: Optional[str] = None):
+                 on_refuse: str = "raise", name: Optional[str] = None, cuda_graphs: bool = False):
         tile_length = check_tile_length(tile_length)
         forward_tile_length = check_forward_tile_length(forward_tile_length, tile_length)
         batch_chunk = check_batch_chunk(batch_chunk)
@@ -382,6 +449,8 @@ class Tiled(ModuleWrapper):
             raise ValueError(f"on_refuse must be 'raise' or 'warn', got {on_refuse!r}")
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         name = name or type(module).__name__
         if isinstance(module, Tiled):
             raise ValueError(f"{name} is already tiled")
@@ -404,10 +473,17 @@ class Tiled(ModuleWrapper):
         self._fields: Dict[Any, Optional[ReceptiveField]] = {}
         self._plans: Dict[Any, Tuple[List[Window], List[Window], Optional[int]]] = {}
         self._multiple = _forward_multiple(module)
+        self.graphs: Optional[WindowGraphs] = WindowGraphs(name) if cuda_graphs else None
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs of `cuda_graphs=True` and their memory pool; the next steps capture anew."""
+        if self.graphs is not None:
+            self.graphs.release()
 
     def extra_repr(self) -> str:
         extra = f", forward_tile_length={self.forward_tile_length}" if self.forward_tile_length is not None else ""
         extra += f", batch_chunk={self.batch_chunk}" if self.batch_chunk is not None else ""
+        extra += ", cuda_graphs=True" if self.graphs is not None else ""
         return f"tile_length={self.tile_length}{extra}"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -419,7 +495,8 @@ class Tiled(ModuleWrapper):
         rf, windows, forward_windows, chunk = self._plan(x, axis, args, kwargs)
         if rf is None:
             return self.wrapped(x, *args, **kwargs)
-        runner = _Runner(self.wrapped, rf, windows, axis, args, kwargs, forward_windows, chunk)
+        runner = _Runner(self.wrapped, rf, windows, axis, args, kwargs, forward_windows, chunk, self.graphs,
+                         key=self._signature(x, axis, args, kwargs) if self.graphs is not None else None)
         if torch.is_grad_enabled() and (x.requires_grad or runner.params or runner.grad_index):
             if len(windows) == 1 and chunk is None:
                 return self.wrapped(x, *args, **kwargs)

@@ -1,0 +1,166 @@
+"""CUDA graphs of a tiled module's windows: one capture per window shape, replayed for every window.
+
+# NOTE [Graphed windows]
+# A tiled step runs the same module on many windows of the same shape, and on a launch-bound module
+# every window pays the CPU's time to issue its few hundred kernels (tcn: about 4 ms of fixed cost
+# per window on an H100/H200, the gap between tiled training and one extra forward). With
+# ``Tiled(..., cuda_graphs=True)`` each window shape is captured once into a CUDA graph and replayed:
+# forward windows (the no-grad call) and backward windows (the recompute with autograd and
+# ``torch.autograd.grad`` of that window's slice of the output gradient, to the window's input and
+# the parameters). A window's input and output-gradient slice are copied into the graph's static
+# input tensors before a replay; its results (the window's outputs, or its input and parameter
+# gradients) are the graph's static outputs, consumed before the same graph is replayed again.
+#
+# - Warm-up: a key (window shape, crops, batch rows, which gradients, autocast, parameter
+#   addresses) runs eagerly the first time it is seen and is captured the second time, so lazy
+#   initialisation (cuDNN plans, workspaces) happens outside the capture. A step's middle windows
+#   share a key, so they are graphed from the first step; first and last windows from the second.
+# - Parameters are read by address: in-place updates (every torch.optim optimizer) are seen by the
+#   replays; a parameter or buffer replaced by a new tensor (``module.to(...)``, ``p.data = ...``)
+#   changes the key's addresses and every captured graph is dropped and captured anew.
+# - Memory: all graphs of one `Tiled` share one private memory pool, sized by the largest window's
+#   activations; it stays reserved between steps (the price of replaying without allocating) until
+#   ``Tiled.release_graphs()``. PyTorch's allocation counters do not see a replay's use of that
+#   pool, so a measured peak must add the pool's reserved bytes (`pool_bytes`;
+#   convmem.profile.measure.graph_pool_bytes).
+# - Autocast runs without its weight-cast cache inside a capture: a cached cast made outside the
+#   graph would be replayed as stale memory after the weights change.
+# - A window that cannot be captured (a CPU synchronisation, ``.item()``, a data-dependent shape)
+#   runs eagerly from then on, with one warning naming the reason; results are the same either way.
+# - Only where the window's call depends on nothing but its input and the module: no tensor
+#   arguments besides the sequence (they would be read by address), not under torch.compile (which
+#   has its own CUDA graphs: mode="reduce-overhead").
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["WindowGraphs"]
+
+# capture(fn, static_inputs, pool) -> (replay, static_outputs). The real one captures a CUDA graph;
+# tests on the CPU pass one that re-runs `fn` into the same output tensors.
+Capture = Callable[[Callable[..., List[Optional[torch.Tensor]]], List[torch.Tensor], Any],
+                   Tuple[Callable[[], None], List[Optional[torch.Tensor]]]]
+
+
+def cuda_capture(fn, static_inputs: List[torch.Tensor], pool) -> Tuple[Callable[[], None], List[Optional[torch.Tensor]]]:
+    """Capture ``fn(*static_inputs)`` into a CUDA graph drawing on memory pool `pool`."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), _autocast_without_cache():
+        outputs = fn(*static_inputs)
+    return graph.replay, outputs
+
+
+def _autocast_without_cache() -> contextlib.AbstractContextManager:
+    """The enclosing CUDA autocast again, without its cast cache (NOTE [Graphed windows])."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+def module_addresses(module: nn.Module) -> Tuple[int, ...]:
+    """Where the module's parameters and buffers live: what a captured graph reads."""
+    return tuple(t.data_ptr() for t in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+
+
+class WindowGraphs:
+    """The captured windows of one tiled module (NOTE [Graphed windows])."""
+
+    def __init__(self, name: str, capture: Capture = cuda_capture, device_type: str = "cuda"):
+        self.name = name
+        self.device_type = device_type  # inputs on other devices run eagerly
+        self._capture = capture
+        self._graphs: Dict[Any, Tuple[Callable[[], None], List[torch.Tensor], List[Optional[torch.Tensor]]]] = {}
+        self._seen: Dict[Any, int] = {}
+        self._refused: set = set()
+        self._addresses: Optional[Tuple[int, ...]] = None
+        self._pool = None
+        self.output_structure: Dict[Any, Any] = {}  # per key, what the caller needs of a call a replay skips
+        self.captures = 0  # graphs captured so far (a test and the benchmark read it)
+        self.replays = 0
+
+    def run(self, key: Any, addresses: Tuple[int, ...], fn: Callable[..., List[Optional[torch.Tensor]]],
+            inputs: Sequence[torch.Tensor]) -> Tuple[List[Optional[torch.Tensor]], bool]:
+        """``fn(*inputs)``, eagerly or by replaying its graph for `key`.
+
+        Returns the outputs and whether they are a graph's static outputs, which the next replay of
+        the same key overwrites: the caller must copy or consume them before that.
+        """
+        if addresses != self._addresses:  # parameters moved: every graph reads stale addresses
+            self.release()
+            self._addresses = addresses
+        graph = self._graphs.get(key)
+        if graph is None:
+            seen = self._seen.get(key, 0)
+            self._seen[key] = seen + 1
+            if seen == 0 or key in self._refused:
+                return fn(*inputs), False
+            graph = self._try_capture(key, fn, inputs)
+            if graph is None:
+                return fn(*inputs), False
+        replay, static_inputs, outputs = graph
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        replay()
+        self.replays += 1
+        return outputs, True
+
+    def _try_capture(self, key, fn, inputs):
+        static_inputs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs]
+        if self._pool is None and self._capture is cuda_capture:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            replay, outputs = self._capture(fn, static_inputs, self._pool)
+        except Exception as error:  # the window runs eagerly from now on; the result is the same
+            self._refused.add(key)
+            warnings.warn(
+                f"{self.name}: a window could not be captured in a CUDA graph and runs without one "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+                stacklevel=4,
+            )
+            return None
+        self.captures += 1
+        graph = (replay, static_inputs, outputs)
+        self._graphs[key] = graph
+        return graph
+
+    def __deepcopy__(self, memo) -> "WindowGraphs":  # a copied module captures its own graphs
+        return WindowGraphs(self.name, self._capture, self.device_type)
+
+    def __getstate__(self) -> Dict[str, Any]:  # graphs are not saved with a pickled module
+        return {"name": self.name, "capture": self._capture, "device_type": self.device_type}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(state["name"], state["capture"], state["device_type"])
+
+    def release(self) -> None:
+        """Drop every graph and its memory pool (captured again when next needed)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+
+    def pool_bytes(self) -> int:
+        """Bytes the graphs' private memory pool holds on the GPU (0 before any capture)."""
+        if self._pool is None or not torch.cuda.is_available():
+            return 0
+        return graph_pool_bytes(pools=[self._pool])
+
+
+def graph_pool_bytes(pools: Optional[Sequence[Any]] = None) -> int:
+    """Bytes reserved by CUDA-graph private memory pools (`pools`, default all of them).
+
+    A replay allocates nothing, so ``max_memory_allocated`` does not see the pool's use during one;
+    a peak that is to count everything a graphed step holds adds this.
+    """
+    wanted = None if pools is None else {tuple(p) for p in pools}
+    total = 0
+    for segment in torch.cuda.memory_snapshot():
+        pool = tuple(segment.get("segment_pool_id", (0, 0)))
+        if pool != (0, 0) and (wanted is None or pool in wanted):
+            total += segment["total_size"]
+    return total
