@@ -82,7 +82,7 @@ def test_replaced_parameters_drop_the_graphs():
     assert tiled.graphs.captures > before
 
 
-def test_capture_failure_runs_eagerly_with_one_warning():
+def test_capture_failure_turns_graphs_off_with_one_warning():
     def failing_capture(fn, static_inputs, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -92,9 +92,8 @@ def test_capture_failure_runs_eagerly_with_one_warning():
     x = seeded_randn(2, 3, 700)
     with pytest.warns(UserWarning, match="stack: a window could not be captured.*not permitted") as record:
         assert_same_step(model, tiled, [x], steps=3)
-    assert tiled.graphs.captures == 0
-    assert len({str(w.message) for w in record}) == 1  # refused keys are not tried again and again
-    assert len(record) == len({k for k in tiled.graphs._refused})
+    assert tiled.graphs.captures == 0 and "not permitted" in tiled.graphs.refused
+    assert len(record) == 1  # no capture is tried again
 
 
 def test_tensor_arguments_turn_graphs_off():
@@ -149,6 +148,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 
 @cuda
+@pytest.mark.filterwarnings("error::UserWarning")
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_cuda_graphs_equal_untiled_float64(chunk):
     entry = convmem.zoo.get("tcn", dtype=torch.float64, device="cuda")
@@ -162,6 +162,7 @@ def test_cuda_graphs_equal_untiled_float64(chunk):
 
 
 @cuda
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_cuda_graphs_under_bf16_autocast_match_eager_windows():
     entry = convmem.zoo.get("tcn", device="cuda")
     plain = Tiled(twin(entry.model), 512, batch_chunk=1)

@@ -23,10 +23,16 @@
 #   ``Tiled.release_graphs()``. PyTorch's allocation counters do not see a replay's use of that
 #   pool, so a measured peak must add the pool's reserved bytes (`pool_bytes`;
 #   convmem.profile.measure.graph_pool_bytes).
+# - The parameters enter a backward capture as detached aliases (same memory, fresh autograd leaves,
+#   through torch.func.functional_call): the parameters' own gradient-accumulator nodes, held by
+#   the step's autograd graph, were made on the default stream in forward, and the engine would
+#   synchronise the capture stream with it, which a capture forbids.
 # - Autocast runs without its weight-cast cache inside a capture: a cached cast made outside the
 #   graph would be replayed as stale memory after the weights change.
 # - A window that cannot be captured (a CPU synchronisation, ``.item()``, a data-dependent shape)
-#   runs eagerly from then on, with one warning naming the reason; results are the same either way.
+#   turns graphs off for the module, with one warning naming the reason: windows run eagerly, with
+#   the same results. Not only that window's key: a failed capture can leave the caching allocator
+#   routing the capture stream's allocations to the pool, so no capture is tried again.
 # - Only where the window's call depends on nothing but its input and the module: no tensor
 #   arguments besides the sequence (they would be read by address), not under torch.compile (which
 #   has its own CUDA graphs: mode="reduce-overhead").
@@ -77,7 +83,7 @@ class WindowGraphs:
         self._capture = capture
         self._graphs: Dict[Any, Tuple[Callable[[], None], List[torch.Tensor], List[Optional[torch.Tensor]]]] = {}
         self._seen: Dict[Any, int] = {}
-        self._refused: set = set()
+        self.refused: Optional[str] = None  # why capturing was given up, if it was
         self._addresses: Optional[Tuple[int, ...]] = None
         self._pool = None
         self.output_structure: Dict[Any, Any] = {}  # per key, what the caller needs of a call a replay skips
@@ -98,7 +104,7 @@ class WindowGraphs:
         if graph is None:
             seen = self._seen.get(key, 0)
             self._seen[key] = seen + 1
-            if seen == 0 or key in self._refused:
+            if seen == 0 or self.refused is not None:
                 return fn(*inputs), False
             graph = self._try_capture(key, fn, inputs)
             if graph is None:
@@ -116,11 +122,11 @@ class WindowGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             replay, outputs = self._capture(fn, static_inputs, self._pool)
-        except Exception as error:  # the window runs eagerly from now on; the result is the same
-            self._refused.add(key)
+        except Exception as error:  # windows run eagerly from now on; the results are the same
+            self.refused = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             warnings.warn(
-                f"{self.name}: a window could not be captured in a CUDA graph and runs without one "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+                f"{self.name}: a window could not be captured in a CUDA graph; its windows run without "
+                f"graphs from now on ({self.refused})",
                 stacklevel=4,
             )
             return None

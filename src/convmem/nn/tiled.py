@@ -156,7 +156,9 @@ class _Runner:
         self.batch_chunk = batch_chunk  # samples per backward call, None for the whole batch (NOTE [Batch chunks])
         self.leaves, self.spec = tree_flatten((tuple(args), dict(kwargs)))
         self.grad_index = [i for i, v in enumerate(self.leaves) if isinstance(v, torch.Tensor) and v.requires_grad]
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.out_spec = None
         self.out_constants: List[Any] = []
         # NOTE [Graphed windows]: only where a window's call reads nothing but its input and the module
@@ -169,12 +171,18 @@ class _Runner:
     def grad_leaves(self) -> List[torch.Tensor]:
         return [self.leaves[i] for i in self.grad_index]
 
-    def call(self, window_input: torch.Tensor, grad_leaves: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def call(self, window_input: torch.Tensor, grad_leaves: Sequence[torch.Tensor],
+             parameters: Optional[Dict[str, torch.Tensor]] = None) -> List[torch.Tensor]:
+        """The module on one window; `parameters` (by name) stand in for its own where given."""
         leaves = list(self.leaves)
         for i, t in zip(self.grad_index, grad_leaves):
             leaves[i] = t
         args, kwargs = tree_unflatten(leaves, self.spec)
-        flat, spec = tree_flatten(self.module(window_input, *args, **kwargs))
+        if parameters is None:
+            result = self.module(window_input, *args, **kwargs)
+        else:
+            result = torch.func.functional_call(self.module, parameters, (window_input, *args), kwargs)
+        flat, spec = tree_flatten(result)
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if len(tensors) != len(self.rf.outputs):
             raise RuntimeError(
@@ -216,22 +224,29 @@ class _Runner:
         Returns the gradients and whether they are a CUDA graph's static outputs, which the next
         window of the same shape overwrites (NOTE [Graphed windows])."""
 
+        graphed = self._graphed(xw)
+
         def step(xw: torch.Tensor, *seeds: torch.Tensor) -> List[Optional[torch.Tensor]]:
             xw = xw.detach().requires_grad_(need_x)
             leaves = [e.detach().requires_grad_(i in extra_wrt) for i, e in enumerate(extras)]
-            tensors = self.call(xw, leaves)
+            params = self.params
+            if graphed:  # NOTE [Graphed windows]: leaves of the capture's own, the same memory
+                params = [p.detach().requires_grad_() for p in self.params]
+                tensors = self.call(xw, leaves, dict(zip(self.param_names, params)))
+            else:
+                tensors = self.call(xw, leaves)
             outs, used = [], []
             for k, seed in zip(wanted, seeds):
                 offset, _, count = w.crops[k]
                 if tensors[k].requires_grad:
                     outs.append(tensors[k].narrow(self.rf.outputs[k].axis, offset, count))
                     used.append(seed)
-            inputs = ([xw] if need_x else []) + [leaves[i] for i in extra_wrt] + [self.params[i] for i in param_wrt]
+            inputs = ([xw] if need_x else []) + [leaves[i] for i in extra_wrt] + [params[i] for i in param_wrt]
             if not outs or not inputs:
                 return []
             return list(torch.autograd.grad(outs, inputs, used, allow_unused=True))
 
-        if not self._graphed(xw):
+        if not graphed:
             return step(xw, *seeds), False
         crops = tuple((k, w.crops[k][0], w.crops[k][2]) for k in wanted)
         key = ("backward", self.key, tuple(xw.shape), xw.dtype, crops, need_x, tuple(param_wrt), _autocast_key())
