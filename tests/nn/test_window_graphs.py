@@ -55,14 +55,14 @@ def test_graphed_windows_equal_untiled_over_steps(length, tile, chunk):
     x = seeded_randn(3, 3, length)
     assert_same_step(model, tiled, [x], steps=3)
     assert tiled.graphs.captures > 0 and tiled.graphs.replays > 0
-    kinds = {key[0] for key in tiled.graphs._graphs}
-    assert kinds == {"forward", "backward"}
+    kinds = [key[0] for key in tiled.graphs._graphs]  # in capture order: forward windows first
+    assert kinds[0] == "forward" and set(kinds) == {"forward", "backward"}
 
 
 def test_zoo_tcn_graphed():
     entry = convmem.zoo.get("tcn", dtype=torch.float64)
     model = entry.model
-    tiled = graphed(twin(model), 512, batch_chunk=1)
+    tiled = graphed(twin(model), 128, batch_chunk=1)
     assert_same_step(model, tiled, entry.inputs, entry.loss_fn, steps=2)
     assert tiled.graphs.replays > 0
 
@@ -153,7 +153,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 def test_cuda_graphs_equal_untiled_float64(chunk):
     entry = convmem.zoo.get("tcn", dtype=torch.float64, device="cuda")
     model = entry.model
-    tiled = Tiled(twin(model), 512, batch_chunk=chunk, cuda_graphs=True)
+    tiled = Tiled(twin(model), 128, batch_chunk=chunk, cuda_graphs=True)
     assert_same_step(model, tiled, entry.inputs, entry.loss_fn, steps=3)
     assert tiled.graphs.captures > 0 and tiled.graphs.replays > 0
     assert tiled.graphs.pool_bytes() > 0
@@ -165,8 +165,8 @@ def test_cuda_graphs_equal_untiled_float64(chunk):
 @pytest.mark.filterwarnings("error::UserWarning")
 def test_cuda_graphs_under_bf16_autocast_match_eager_windows():
     entry = convmem.zoo.get("tcn", device="cuda")
-    plain = Tiled(twin(entry.model), 512, batch_chunk=1)
-    graphed_ = Tiled(twin(entry.model), 512, batch_chunk=1, cuda_graphs=True)
+    plain = Tiled(twin(entry.model), 128, batch_chunk=1)
+    graphed_ = Tiled(twin(entry.model), 128, batch_chunk=1, cuda_graphs=True)
     results = []
     for tiled in (plain, graphed_):
         for _ in range(3):
@@ -188,8 +188,8 @@ def test_cuda_capture_failure_falls_back():
             self.conv = nn.Conv1d(2, 2, 3, padding=1)
 
         def forward(self, x):
-            y = self.conv(x)
-            return y * (1.0 if y.abs().max().item() > 0 else 0.0)  # a CPU sync: not capturable
+            torch.cuda.synchronize()  # not allowed while a stream is capturing
+            return self.conv(x)
 
     module = Synchronizing().double().cuda()
     tiled = Tiled(twin(module), 64, cuda_graphs=True, verify=False)

@@ -12,9 +12,13 @@
 # gradients) are the graph's static outputs, consumed before the same graph is replayed again.
 #
 # - Warm-up: a key (window shape, crops, batch rows, which gradients, autocast, parameter
-#   addresses) runs eagerly the first time it is seen and is captured the second time, so lazy
-#   initialisation (cuDNN plans, workspaces) happens outside the capture. A step's middle windows
-#   share a key, so they are graphed from the first step; first and last windows from the second.
+#   addresses) runs eagerly through the first call of the module (a training step's forward and
+#   backward) and is captured when a later call meets it, so lazy initialisation (cuDNN plans,
+#   workspaces, torch.compile) happens outside any capture. Capturing in the second call also
+#   captures in execution order, forward windows first: their large no-grad blocks come into the
+#   pool first and the backward windows' smaller blocks are carved out of them, where the other
+#   order leaves segments too small to serve the forward (measured on tcn: a pool of both windows'
+#   sizes added together instead of the larger).
 # - Parameters are read by address: in-place updates (every torch.optim optimizer) are seen by the
 #   replays; a parameter or buffer replaced by a new tensor (``module.to(...)``, ``p.data = ...``)
 #   changes the key's addresses and every captured graph is dropped and captured anew.
@@ -82,13 +86,18 @@ class WindowGraphs:
         self.device_type = device_type  # inputs on other devices run eagerly
         self._capture = capture
         self._graphs: Dict[Any, Tuple[Callable[[], None], List[torch.Tensor], List[Optional[torch.Tensor]]]] = {}
-        self._seen: Dict[Any, int] = {}
+        self._first_call: Dict[Any, int] = {}  # the call in which each key was first met
+        self._call = 0
         self.refused: Optional[str] = None  # why capturing was given up, if it was
         self._addresses: Optional[Tuple[int, ...]] = None
         self._pool = None
         self.output_structure: Dict[Any, Any] = {}  # per key, what the caller needs of a call a replay skips
         self.captures = 0  # graphs captured so far (a test and the benchmark read it)
         self.replays = 0
+
+    def begin_call(self) -> None:
+        """A new call of the module begins (NOTE [Graphed windows], warm-up)."""
+        self._call += 1
 
     def run(self, key: Any, addresses: Tuple[int, ...], fn: Callable[..., List[Optional[torch.Tensor]]],
             inputs: Sequence[torch.Tensor]) -> Tuple[List[Optional[torch.Tensor]], bool]:
@@ -102,9 +111,8 @@ class WindowGraphs:
             self._addresses = addresses
         graph = self._graphs.get(key)
         if graph is None:
-            seen = self._seen.get(key, 0)
-            self._seen[key] = seen + 1
-            if seen == 0 or self.refused is not None:
+            first = self._first_call.setdefault(key, self._call)
+            if first == self._call or self.refused is not None:
                 return fn(*inputs), False
             graph = self._try_capture(key, fn, inputs)
             if graph is None:
@@ -147,7 +155,7 @@ class WindowGraphs:
     def release(self) -> None:
         """Drop every graph and its memory pool (captured again when next needed)."""
         self._graphs.clear()
-        self._seen.clear()
+        self._first_call.clear()
         self._pool = None
 
     def pool_bytes(self) -> int:

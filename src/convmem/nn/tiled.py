@@ -512,6 +512,8 @@ class Tiled(ModuleWrapper):
             return self.wrapped(x, *args, **kwargs)
         runner = _Runner(self.wrapped, rf, windows, axis, args, kwargs, forward_windows, chunk, self.graphs,
                          key=self._signature(x, axis, args, kwargs) if self.graphs is not None else None)
+        if runner.graphs is not None:
+            runner.graphs.begin_call()
         if torch.is_grad_enabled() and (x.requires_grad or runner.params or runner.grad_index):
             if len(windows) == 1 and chunk is None:
                 return self.wrapped(x, *args, **kwargs)
