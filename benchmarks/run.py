@@ -31,11 +31,18 @@ BENCHES = {
         **{f"convmem_tiled_model_{n}_batch1": strategies.convmem_tiled_model(n, batch_chunk=1) for n in (16384, 21846)},
         "convmem_tile_8192": strategies.convmem_tile(8192),
         **{f"convmem_tiled_selective_{n}": strategies.convmem_tiled_model(n, selective=True) for n in (8192, 12288)},
-        # NOTE [Graphed windows]: each window shape captured once in a CUDA graph
-        **{f"convmem_tiled_model_{n}_graphs": strategies.convmem_tiled_model(n, cuda_graphs=True)
-           for n in (4096, 8192, 16384)},
-        **{f"convmem_tiled_model_{n}_batch{b}_graphs": strategies.convmem_tiled_model(n, batch_chunk=b, cuda_graphs=True)
-           for n, b in ((8192, 2), (16384, 1), (21846, 1), (32768, 1))},
+        # NOTE [Graphed windows]: each window shape captured once in a CUDA graph, against the same without
+        **{f"convmem_tiled_model_{n}_graphs": strategies.convmem_tiled_model(n, cuda_graphs=True) for n in (8192, 16384)},
+        "convmem_tiled_model_21846_batch1_graphs": strategies.convmem_tiled_model(21846, batch_chunk=1, cuda_graphs=True),
+        "convmem_tiled_selective_21846_batch1": strategies.convmem_tiled_model(
+            21846, selective=True, batch_chunk=1, forward_tile_length=21846),
+        "convmem_tiled_selective_21846_batch1_graphs": strategies.convmem_tiled_model(
+            21846, selective=True, batch_chunk=1, forward_tile_length=21846, cuda_graphs=True),
+        "convmem_tiled_selective_compiled_24576_batch1": strategies.convmem_tiled_model(
+            24576, selective=True, compiled=True, batch_chunk=1, forward_tile_length=24576),
+        **{f"convmem_tiled_selective_compiled_{n}_batch1_graphs": strategies.convmem_tiled_model(
+            n, selective=True, compiled=True, batch_chunk=1, forward_tile_length=n, cuda_graphs=True)
+           for n in (24576, 32768)},
     }, ()),
 }
 

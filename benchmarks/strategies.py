@@ -138,10 +138,12 @@ def convmem_tile(tile_length: int) -> Callable:
     return prepare
 
 
-def convmem_tiled_model(tile_length: int, selective: bool = False, **options) -> Callable:
+def convmem_tiled_model(tile_length: int, selective: bool = False, compiled: bool = False, **options) -> Callable:
     """The whole model as one tiled module (``convmem.nn.Tiled(model, n, **options)``): only the
     model's input and output exist at full length. Local models only (tcn, wavenet, hifigan).
-    `selective`: its blocks selectively checkpointed first, so that a window keeps less."""
+    `selective`: its blocks selectively checkpointed first, so that a window keeps less;
+    `compiled`: the model compiled in place (``model.compile(dynamic=False)``: one graph per window
+    shape) before it is tiled, so that every window runs compiled."""
 
     def prepare(entry) -> Optional[Prepared]:
         import convmem
@@ -150,9 +152,12 @@ def convmem_tiled_model(tile_length: int, selective: bool = False, **options) ->
         model = entry.model
         if selective:
             convmem.checkpoint_(model, policy="selective")
+        if compiled:
+            model.compile(dynamic=False)
         model = Tiled(model, tile_length, **options)
         extra = "".join(f", {k}={v}" for k, v in options.items())
         inner = "checkpoint_(model, 'selective')" if selective else "model"
+        inner = f"compile({inner})" if compiled else inner
         return Prepared(model, entry.inputs, entry.loss_fn, note=f"Tiled({inner}{extra})",
                         warmup_steps=2 if options.get("cuda_graphs") else 1)
 

@@ -53,7 +53,7 @@ def config(name, tile, chunk, graphs, selective=False, compiled=False, fwd_graph
     if selective:
         convmem.checkpoint_(m, policy="selective")
     if compiled:
-        m.compile()
+        m.compile(dynamic=False)
     t = Tiled(m, tile, batch_chunk=chunk, cuda_graphs=graphs, forward_tile_length=fwd)
     try:
         measure(name, t, e.loss_fn, e.inputs[0])
@@ -63,8 +63,6 @@ def config(name, tile, chunk, graphs, selective=False, compiled=False, fwd_graph
     gc.collect(); torch.cuda.empty_cache(); torch._dynamo.reset()
 
 e = fresh(); measure("eager", e.model, e.loss_fn, e.inputs[0]); del e; gc.collect(); torch.cuda.empty_cache()
-for tile in (21846, 26214, 32768):
-    config(f"compiled selective graphs {tile} b1 fwd {tile}", tile, 1, True, selective=True, compiled=True, fwd=tile)
-config("selective graphs 21846 b1 fwd 21846", 21846, 1, True, selective=True, fwd=21846)
-config("graphs 16384 fwd default", 16384, None, True)
+for tile, fwd in ((24576, 24576), (24576, 12288), (26214, 26214), (26214, 13107), (21846, 21846), (32768, 16384)):
+    config(f"compiled selective graphs {tile} b1 fwd {fwd}", tile, 1, True, selective=True, compiled=True, fwd=fwd)
 e = fresh(); measure("eager again", e.model, e.loss_fn, e.inputs[0])

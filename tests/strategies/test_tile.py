@@ -47,9 +47,11 @@ def test_config_round_trips_and_validates():
     config = TileConfig(4096, length_axis=1, verify=False)
     assert TileConfig.from_dict(config.to_dict()) == config
     assert config.to_dict() == {"tile_length": 4096, "length_axis": 1, "verify": False,
-                                "forward_tile_length": None, "batch_chunk": None}
-    config = TileConfig(4096, forward_tile_length=32768, batch_chunk=1)
+                                "forward_tile_length": None, "batch_chunk": None, "cuda_graphs": False}
+    config = TileConfig(4096, forward_tile_length=32768, batch_chunk=1, cuda_graphs=True)
     assert TileConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="tile_: cuda_graphs must be True or False"):
+        TileConfig(4096, cuda_graphs=1)
     with pytest.raises(ValueError, match="tile_: forward_tile_length 2048 is shorter than tile_length 4096"):
         TileConfig(4096, forward_tile_length=2048)
     with pytest.raises(ValueError, match="tile_: batch_chunk must be None or a positive integer"):
@@ -177,8 +179,8 @@ def test_forward_windows_and_batch_chunks_reach_every_tiled_module():
         nn.AdaptiveAvgPool1d(1),
     ).double()
     reference = twin(model)
-    tile_(model, TileConfig(16, forward_tile_length=64, batch_chunk=1))
+    tile_(model, TileConfig(16, forward_tile_length=64, batch_chunk=1, cuda_graphs=True))
     tiled = [m for m in model.modules() if isinstance(m, Tiled)]
-    assert tiled and all(m.forward_tile_length == 64 and m.batch_chunk == 1 for m in tiled)
+    assert tiled and all(m.forward_tile_length == 64 and m.batch_chunk == 1 and m.graphs is not None for m in tiled)
     assert_same_step(reference, model, (torch.randn(3, 2, 150, dtype=torch.float64),), tol=1e-10)
     assert tiled[0].last_windows == 10 and tiled[0].last_forward_windows == 3

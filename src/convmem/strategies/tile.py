@@ -47,7 +47,8 @@ class TileConfig(ConfigDict):
     the untiled module at its first call (NOTE [Verify before use] in convmem/nn/tiled.py);
     ``forward_tile_length``: input samples per forward window (None: a multiple of `tile_length`
     growing with each module's depth, NOTE [Forward windows]); ``batch_chunk``: samples per backward
-    recomputation (None: the whole batch, NOTE [Batch chunks]).
+    recomputation (None: the whole batch, NOTE [Batch chunks]); ``cuda_graphs``: replay each window
+    shape from a CUDA graph (NOTE [Graphed windows] in convmem/nn/_window_graphs.py).
 
     Example: ``TileConfig.from_dict(TileConfig(4096).to_dict()) == TileConfig(4096)``.
     """
@@ -57,6 +58,7 @@ class TileConfig(ConfigDict):
     verify: bool = True
     forward_tile_length: Optional[int] = None
     batch_chunk: Optional[int] = None
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -67,6 +69,8 @@ class TileConfig(ConfigDict):
             raise ValueError(f"{_STRATEGY}: length_axis must be an int, got {self.length_axis!r}")
         if not isinstance(self.verify, bool):
             raise ValueError(f"{_STRATEGY}: verify must be True or False, got {self.verify!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"{_STRATEGY}: cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         try:
             check_forward_tile_length(self.forward_tile_length, self.tile_length)
             check_batch_chunk(self.batch_chunk)
@@ -127,7 +131,7 @@ def tile_(
     replacements = {
         name: Tiled(model.get_submodule(name), config.tile_length, forward_tile_length=config.forward_tile_length,
                     batch_chunk=config.batch_chunk, length_axis=config.length_axis, verify=config.verify,
-                    on_refuse="warn", name=name)
+                    on_refuse="warn", name=name, cuda_graphs=config.cuda_graphs)
         for name in names
     }
     swap_modules(model, replacements)
