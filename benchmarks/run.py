@@ -43,6 +43,13 @@ BENCHES = {
         **{f"convmem_tiled_selective_compiled_{n}_batch1_graphs": strategies.convmem_tiled_model(
             n, selective=True, compiled=True, batch_chunk=1, forward_tile_length=n, cuda_graphs=True)
            for n in (24576, 32768)},
+        # half the blocks keep only their input, the other half their convolution outputs
+        "convmem_tiled_mixed_compiled_32768_batch1_graphs": strategies.convmem_tiled_model(
+            32768, selective=True, full_blocks=8, compiled=True, batch_chunk=1, forward_tile_length=32768,
+            cuda_graphs=True),
+        "convmem_tiled_full_compiled_32768_batch1_graphs": strategies.convmem_tiled_model(
+            32768, full_blocks=16, compiled=True, batch_chunk=1, forward_tile_length=32768, cuda_graphs=True),
+        "compile_default": strategies.COMPILE_ANCHORS["compile_default"],  # the untiled model compiled, same run
     }, ()),
 }
 

@@ -138,25 +138,33 @@ def convmem_tile(tile_length: int) -> Callable:
     return prepare
 
 
-def convmem_tiled_model(tile_length: int, selective: bool = False, compiled: bool = False, **options) -> Callable:
+def convmem_tiled_model(tile_length: int, selective: bool = False, compiled: bool = False, full_blocks: int = 0,
+                        **options) -> Callable:
     """The whole model as one tiled module (``convmem.nn.Tiled(model, n, **options)``): only the
     model's input and output exist at full length. Local models only (tcn, wavenet, hifigan).
-    `selective`: its blocks selectively checkpointed first, so that a window keeps less;
-    `compiled`: the model compiled in place (``model.compile(dynamic=False)``: one graph per window
-    shape) before it is tiled, so that every window runs compiled."""
+    `full_blocks`: that many of the model's blocks, evenly spread, checkpointed in full (they keep
+    only their input in a window); `selective`: its (other) blocks selectively checkpointed, so that
+    a window keeps less; `compiled`: the model compiled in place (``model.compile(dynamic=False)``:
+    one graph per window shape) before it is tiled, so that every window runs compiled."""
 
     def prepare(entry) -> Optional[Prepared]:
         import convmem
         from convmem.nn.tiled import Tiled
 
         model = entry.model
+        full = {entry.blocks[round(i * len(entry.blocks) / full_blocks)] for i in range(full_blocks)}
+        if full:
+            convmem.checkpoint_(model, policy="full", filter_fn=lambda m, fqn: fqn in full)
         if selective:
-            convmem.checkpoint_(model, policy="selective")
+            rest = set(entry.blocks) - full
+            convmem.checkpoint_(model, policy="selective", filter_fn=lambda m, fqn: fqn in rest)
         if compiled:
             model.compile(dynamic=False)
         model = Tiled(model, tile_length, **options)
         extra = "".join(f", {k}={v}" for k, v in options.items())
         inner = "checkpoint_(model, 'selective')" if selective else "model"
+        if full:
+            inner = f"checkpoint_({len(full)} of {len(entry.blocks)} blocks 'full'" + (", the rest 'selective')" if selective else ")")
         inner = f"compile({inner})" if compiled else inner
         return Prepared(model, entry.inputs, entry.loss_fn, note=f"Tiled({inner}{extra})",
                         warmup_steps=2 if options.get("cuda_graphs") else 1)

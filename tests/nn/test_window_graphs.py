@@ -153,8 +153,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 def test_cuda_graphs_equal_untiled_float64(chunk):
     entry = convmem.zoo.get("tcn", dtype=torch.float64, device="cuda")
     model = entry.model
-    tiled = Tiled(twin(model), 128, batch_chunk=chunk, cuda_graphs=True)
-    assert_same_step(model, tiled, entry.inputs, entry.loss_fn, steps=3)
+    tiled = Tiled(twin(model), 1024, batch_chunk=chunk, cuda_graphs=True)
+    x = seeded_randn(2, 1, 3001).cuda()  # three windows: first, middle and last differ in shape
+    assert_same_step(model, tiled, [x], entry.loss_fn, steps=3)
+    assert tiled.last_windows == 3
     assert tiled.graphs.captures > 0 and tiled.graphs.replays > 0
     assert tiled.graphs.pool_bytes() > 0
     tiled.release_graphs()
