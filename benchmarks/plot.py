@@ -161,6 +161,45 @@ def plot_optimize_pareto(plans_of_every_model, plt):
     return written
 
 
+def plot_tile_curve(rows, plt) -> str:
+    """tcn's tile curve: memory and step time of every tiled configuration against eager (the
+    target region of issue 4, at most a tenth of the memory at at most 1.6x the time, shaded), and
+    the plain `Tiled(model, n)` series by tile length."""
+    eager = next(r for r in rows if r["strategy"] == "eager_fp32")
+    base_gib, base_ms = int(eager["peak_bytes"]) / 2**30, float(eager["step_ms"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.5))
+    ax.fill_between([0.9, 1.6], 0, base_gib / 10, color="tab:green", alpha=0.12,
+                    label="10x less memory at <= 1.6x the time")
+    for r in rows:
+        x, y = float(r["step_ms"]) / base_ms, int(r["peak_bytes"]) / 2**30
+        graphed = "cuda_graphs=True" in r["note"]
+        marker = "*" if r["strategy"] == "eager_fp32" else ("s" if graphed else "o")
+        ax.scatter(x, y, marker=marker, s=70 if marker != "o" else 30,
+                   color="black" if r["strategy"].startswith(("eager", "compile")) else ("tab:red" if graphed else "tab:blue"))
+        ax.annotate(r["strategy"].replace("convmem_", ""), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("step time / eager's")
+    ax.set_ylabel("peak GiB (log)")
+    ax.set_title(f"tcn {eager['input_shape']}: tiled configurations (red squares: CUDA graphs)")
+    ax.legend(fontsize=8, loc="upper right")
+    plain = sorted((int(r["strategy"].rsplit("_", 1)[1]), r) for r in rows
+                   if r["strategy"].startswith("convmem_tiled_model_") and r["strategy"].rsplit("_", 1)[1].isdigit())
+    tiles = [t for t, _ in plain]
+    bx.plot(tiles, [int(r["peak_bytes"]) / 2**30 for _, r in plain], "o-", color="tab:blue", label="peak GiB")
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("tile_length (samples), Tiled(model, n)")
+    bx.set_ylabel("peak GiB", color="tab:blue")
+    tx = bx.twinx()
+    tx.plot(tiles, [float(r["step_ms"]) / base_ms for _, r in plain], "s--", color="tab:orange", label="time / eager")
+    tx.set_ylabel("step time / eager's", color="tab:orange")
+    bx.set_title(f"memory and time against tile length ({eager['device']}, commit {eager['commit']})")
+    fig.tight_layout()
+    path = os.path.join(RESULTS, "tile_curve.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     import matplotlib
 
@@ -174,6 +213,9 @@ def main() -> int:
     all_rows = anchors + read("compile") + read("strategies")
     if all_rows:
         written.append(plot_pareto(all_rows, plt))
+    tile_rows = [r for r in read("tile_curve") if r["model"] == "tcn"]
+    if any(r["strategy"] == "eager_fp32" for r in tile_rows):
+        written.append(plot_tile_curve(tile_rows, plt))
     plans = plan_rows()
     if plans:
         written += plot_optimize_pareto(plans, plt)
