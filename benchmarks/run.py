@@ -22,6 +22,17 @@ BENCHES = {
     "compile": (strategies.COMPILE_ANCHORS, ()),
     "strategies": (strategies.CONVMEM, ()),
     "lossy": (strategies.LOSSY, ()),
+    # torch.compile's CUDA graphs (mode="reduce-overhead") under convmem's checkpointing, against
+    # compile's default mode: the launch-bound models' fastest configurations
+    "graphed": ({
+        "compile_default": strategies.COMPILE_ANCHORS["compile_default"],
+        "compile_reduce_overhead": strategies.compiled(mode="reduce-overhead"),
+        "convmem_selective_compiled": strategies.convmem_checkpoint("selective", compile_model=True),
+        "convmem_selective_reduce_overhead": strategies.convmem_checkpoint(
+            "selective", compile_model=True, compile_mode="reduce-overhead"),
+        "convmem_full_reduce_overhead": strategies.convmem_checkpoint("full", compile_model=True,
+                                                                      compile_mode="reduce-overhead"),
+    }, ()),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({
         "eager_fp32": strategies.eager,

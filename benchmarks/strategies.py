@@ -76,14 +76,18 @@ def torch_checkpoint_sequential(entry) -> Optional[Prepared]:
     return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{wrapper.segments} segments of {len(chain)}")
 
 
-def compiled(budget: Optional[float] = None) -> Callable:
+def compiled(budget: Optional[float] = None, mode: Optional[str] = None) -> Callable:
+    """torch.compile of the model, with Inductor's activation memory budget or a compile mode
+    ("reduce-overhead": CUDA graphs, whose pool the harness adds to the peak)."""
+
     def prepare(entry) -> Prepared:
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = 1.0 if budget is None else budget
-        forward = torch.compile(entry.model)
-        note = "" if budget is None else f"activation_memory_budget={budget}"
-        return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note)
+        forward = torch.compile(entry.model, mode=mode)
+        note = "; ".join(([] if budget is None else [f"activation_memory_budget={budget}"]) + ([f"mode={mode}"] if mode else []))
+        return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note,
+                        warmup_steps=3 if mode == "reduce-overhead" else 1)
 
     return prepare
 
@@ -104,7 +108,8 @@ COMPILE_ANCHORS: Dict[str, Callable] = {
 
 # ------------------------------------------------------------------------------ convmem
 
-def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool = True) -> Callable:
+def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool = True,
+                       compile_mode: Optional[str] = None) -> Callable:
     def prepare(entry) -> Prepared:
         import convmem
         from convmem.nn.checkpointed import Checkpointed
@@ -113,9 +118,10 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
         for m in entry.model.modules():
             if isinstance(m, Checkpointed):
                 m._by_module = by_module  # False: PyTorch's dispatch-mode selective checkpointing
-        forward = torch.compile(entry.model) if compile_model else None
-        return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
-                        note="torch.compile" if compile_model else "")
+        forward = torch.compile(entry.model, mode=compile_mode) if compile_model else None
+        note = ("torch.compile" + (f"(mode={compile_mode})" if compile_mode else "")) if compile_model else ""
+        return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note,
+                        warmup_steps=3 if compile_mode == "reduce-overhead" else 1)
 
     return prepare
 
