@@ -91,12 +91,12 @@ def frontier(points):
     return out
 
 
-def session_anchors():
-    """(model, anchor) -> (least step ms, least peak bytes) over every run of the optimize bench that
+def session_anchors(benches=("optimize",)):
+    """(model, anchor) -> (least step ms, least peak bytes) over every run of `benches` that
     measured it: each anchor at its best on both axes, so that run-to-run noise never counts for
     convmem."""
     best = {}
-    for r in rows_of_every_run("optimize"):
+    for r in (row for bench in benches for row in rows_of_every_run(bench)):
         if r["strategy"] in ANCHOR_NAMES:
             key = (r["model"], r["strategy"])
             t, m = float(r["step_ms"]), int(r["peak_bytes"])
@@ -117,6 +117,17 @@ def plan_rows():
     """convmem's measured plans (newest per model and strategy), any regime; "over": measured above
     its budget."""
     return [r for r in read("optimize", statuses=("ok", "over")) if r["strategy"].startswith("convmem_")]
+
+
+def configuration_rows():
+    """convmem's one-call configurations measured by the harness (``checkpoint_`` full or selective,
+    eager or compiled, compile's CUDA graphs too: strategies.csv and graphed.csv), each with the regime
+    of the dominance table (fp32, or fp32+compile when the note names torch.compile)."""
+    rows = []
+    for r in read("strategies") + read("graphed"):
+        if r["strategy"].startswith("convmem_checkpoint_") or r["strategy"].startswith(("convmem_selective", "convmem_full")):
+            rows.append(dict(r, regime="fp32+compile" if "torch.compile" in (r.get("note") or "") else "fp32"))
+    return rows
 
 
 def plot_optimize_pareto(plans_of_every_model, plt):
