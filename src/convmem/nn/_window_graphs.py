@@ -1,9 +1,12 @@
 """CUDA graphs of a tiled module's windows: one capture per window shape, replayed for every window.
 
 # NOTE [Graphed windows]
-# A tiled step runs the same module on many windows of the same shape, and on a launch-bound module
-# every window pays the CPU's time to issue its few hundred kernels (tcn: about 4 ms of fixed cost
-# per window on an H100/H200, the gap between tiled training and one extra forward). With
+# A tiled step runs the same module on many windows of the same shape, and every window pays the
+# CPU's time to issue its few hundred kernels from Python: where that is longer than the GPU's time
+# for the window (batch chunks, checkpointed blocks inside the tiles, small modules), the step is
+# the CPU's. On an H200 a tcn step in 8192-sample windows took 101.8 ms of CPU for 129 ms of GPU;
+# graphed, 6.3 ms of CPU (the step, GPU-bound, 126 ms); selective blocks in 21846-sample windows of
+# one sample went from 219 to 138 ms (docs/BENCHMARKS.md, "Exact length tiling"). With
 # ``Tiled(..., cuda_graphs=True)`` each window shape is captured once into a CUDA graph and replayed:
 # forward windows (the no-grad call) and backward windows (the recompute with autograd and
 # ``torch.autograd.grad`` of that window's slice of the output gradient, to the window's input and
@@ -11,22 +14,22 @@
 # input tensors before a replay; its results (the window's outputs, or its input and parameter
 # gradients) are the graph's static outputs, consumed before the same graph is replayed again.
 #
-# - Warm-up: a key (window shape, crops, batch rows, which gradients, autocast, parameter
-#   addresses) runs eagerly through the first call of the module (a training step's forward and
+# - Warm-up: a key (window shape and dtype, crops, which gradients, autocast, the module's input
+#   signature and modes) runs eagerly through the first call of the module (a training step's forward and
 #   backward) and is captured when a later call meets it, so lazy initialisation (cuDNN plans,
 #   workspaces, torch.compile) happens outside any capture. Capturing in the second call also
 #   captures in execution order, forward windows first: their large no-grad blocks come into the
 #   pool first and the backward windows' smaller blocks are carved out of them, where the other
-#   order leaves segments too small to serve the forward (measured on tcn: a pool of both windows'
-#   sizes added together instead of the larger).
+#   order leaves segments too small to serve the forward (tcn, 8192-sample windows, H200: a 3.58
+#   GiB pool when backward's windows were captured first, a 2.24 GiB peak in all since).
 # - Parameters are read by address: in-place updates (every torch.optim optimizer) are seen by the
 #   replays; a parameter or buffer replaced by a new tensor (``module.to(...)``, ``p.data = ...``)
 #   changes the key's addresses and every captured graph is dropped and captured anew.
 # - Memory: all graphs of one `Tiled` share one private memory pool, sized by the largest window's
 #   activations; it stays reserved between steps (the price of replaying without allocating) until
 #   ``Tiled.release_graphs()``. PyTorch's allocation counters do not see a replay's use of that
-#   pool, so a measured peak must add the pool's reserved bytes (`pool_bytes`;
-#   convmem.profile.measure.graph_pool_bytes).
+#   pool, so a measured peak must add the pool's reserved bytes (`WindowGraphs.pool_bytes`,
+#   `graph_pool_bytes` below; the benchmark harness does).
 # - The parameters enter a backward capture as detached aliases (same memory, fresh autograd leaves,
 #   through torch.func.functional_call): the parameters' own gradient-accumulator nodes, held by
 #   the step's autograd graph, were made on the default stream in forward, and the engine would
