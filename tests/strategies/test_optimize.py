@@ -220,6 +220,8 @@ def test_a_plan_measured_well_under_the_budget_makes_room_for_a_faster_one(monke
         plan.measured_peak_bytes, plan.measured_step_s = peak, 1.0 + plan.predicted_extra_s
 
     _compiled_measured_by(monkeypatch, fake)
+    from convmem.strategies import optimize as module
+    monkeypatch.setattr(module, "_UNIFORM_OPTIONS", ())  # the slack alone here (NOTE [Uniform plans under compile])
     plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
     assert len(tried) >= 2, "the room left must be tried"
     assert tried[1].predicted_extra_s < tried[0].predicted_extra_s
@@ -230,6 +232,52 @@ def test_a_plan_measured_well_under_the_budget_makes_room_for_a_faster_one(monke
         assert plan is tried[0] and len(tried) == 2
     # The model carries the plan returned, not the last one tried.
     assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes == plan.estimated_peak_bytes
+
+
+def _uniform(plan) -> str:
+    options = {s.option for s in plan.segments}
+    return options.pop() if len(options) == 1 and len(plan.segments) > 1 else ""
+
+
+@pytest.mark.parametrize("case", ["faster", "slower", "over"])
+def test_uniform_plans_are_judged_under_compile(monkeypatch, case):
+    # NOTE [Uniform plans under compile]: every block selective (or checkpointed) is judged compiled
+    # beside the solved plan and replaces it only if it fits and measures faster.
+    from convmem.profile import estimate_step
+
+    entry, first = _planned_at(0.8)
+    budget = first.budget_bytes
+    tried = []
+
+    def fake(plan):
+        tried.append(plan)
+        peak, step = plan.estimated_peak_bytes * 9 // 10, 1.0 + plan.predicted_extra_s
+        if _uniform(plan) == "selective":
+            step = {"faster": 0.5, "slower": 9.0, "over": 0.5}[case]
+            peak = budget + 1 if case == "over" else peak
+        plan.measured_peak_bytes, plan.measured_step_s = peak, step
+
+    _compiled_measured_by(monkeypatch, fake)
+    plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    assert any(_uniform(p) == "selective" for p in tried), "every block selective must be judged"
+    assert (_uniform(plan) == "selective") == (case == "faster")
+    assert plan.measured_peak_bytes <= budget
+    assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes == plan.estimated_peak_bytes
+
+
+def test_a_uniform_plan_rescues_a_budget_the_solved_plans_miss(monkeypatch):
+    # NOTE [Uniform plans under compile]: every solved plan "measures" over the budget compiled, every
+    # block checkpointed fits: it is returned instead of an infeasibility error.
+    entry, first = _planned_at(0.6)
+    budget = first.budget_bytes
+
+    def fake(plan):
+        fits = _uniform(plan) == "checkpoint"
+        plan.measured_peak_bytes, plan.measured_step_s = (budget - 1 if fits else budget * 2), 1.0
+
+    _compiled_measured_by(monkeypatch, fake)
+    plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    assert _uniform(plan) == "checkpoint" and plan.measured_peak_bytes < budget
 
 
 def test_compiled_plans_use_only_options_that_act_under_compile():
