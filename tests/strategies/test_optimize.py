@@ -276,8 +276,14 @@ def test_a_uniform_plan_rescues_a_budget_the_solved_plans_miss(monkeypatch):
         plan.measured_peak_bytes, plan.measured_step_s = (budget - 1 if fits else budget * 2), 1.0
 
     _compiled_measured_by(monkeypatch, fake)
-    plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    plan = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT,
+                     compiled=True)
     assert _uniform(plan) == "checkpoint" and plan.measured_peak_bytes < budget
+    # A budget under it: infeasible, and the smallest feasible budget named is the uniform plan's
+    # measured peak, with the margin of a measurement (NOTE [Sound within its own estimate]).
+    with pytest.raises(InfeasibleBudget) as caught:
+        optimize_(entry.model, *entry.inputs, budget=budget - 2, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    assert caught.value.min_bytes == (budget - 1) + (budget - 1) // 500
 
 
 def test_compiled_plans_use_only_options_that_act_under_compile():

@@ -54,7 +54,8 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # is measured compiled, optimize_ also judges the plans with one option on every block (selective;
 # checkpoint, in its least-peak segments): after a plan is accepted (and its slack used), one that
 # fits the budget and measures faster replaces it; when no solved plan fits, one that fits is
-# returned (the fastest) before the least-peak plans are tried. Each costs one more compilation.
+# returned (the fastest) before the least-peak plans are tried, and the smallest feasible budget an
+# infeasibility names counts their measured peaks. Each costs one more compilation.
 """
 from __future__ import annotations
 
@@ -309,6 +310,8 @@ def optimize_(
             break
         return plan
 
+    judged_uniform = []  # (measured peak, plan) of every one-option plan judged compiled
+
     def uniform_plans(accepted: Optional[Plan]) -> Optional[Plan]:
         """NOTE [Uniform plans under compile]: the fastest of `accepted` and the one-option plans that
         fit, judged compiled; the model carries it (or nothing, when None comes back)."""
@@ -330,6 +333,8 @@ def optimize_(
                 candidate_peak = judged(candidate)
             except torch.cuda.OutOfMemoryError:
                 candidate_peak = None
+            else:
+                judged_uniform.append((candidate_peak, candidate))
             if candidate_peak is not None and candidate_peak <= target and (
                     best is None or candidate.measured_step_s < best.measured_step_s):
                 best = candidate
@@ -383,6 +388,10 @@ def optimize_(
                 # A measured peak varies by a few hundred KiB from run to run (allocator state); the
                 # smallest budget named must be met when the caller passes it back.
                 peak += peak // _MEASURED_MARGIN
+        if smallest is None or peak < smallest:
+            smallest, best = peak, plan
+    for peak, plan in judged_uniform:  # NOTE [Uniform plans under compile]: they count for the floor too
+        peak += peak // _MEASURED_MARGIN
         if smallest is None or peak < smallest:
             smallest, best = peak, plan
     if smallest is None or eager_peak < smallest:
