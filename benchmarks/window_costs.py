@@ -9,7 +9,7 @@ window shapes, and sums device time by kernel name: which kernels grow with the 
 tile_curve bench does) and prints the median step time (CUDA events), the CPU time to issue a step
 (wall clock before the device is synchronized), the allocator's peak, the CUDA-graph pool, and for
 graphed configurations the captures and replays per step. docs/BENCHMARKS.md ("Exact length tiling")
-quotes what these probes printed on an H200 (they were consolidated into this script afterwards).
+quotes what it printed on an H200.
 """
 from __future__ import annotations
 

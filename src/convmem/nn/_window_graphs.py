@@ -4,9 +4,9 @@
 # A tiled step runs the same module on many windows of the same shape, and every window pays the
 # CPU's time to issue its few hundred kernels from Python: where that is longer than the GPU's time
 # for the window (batch chunks, checkpointed blocks inside the tiles, small modules), the step is
-# the CPU's. On an H200 a tcn step in 8192-sample windows took 101.8 ms of CPU for 129 ms of GPU;
-# graphed, 6.3 ms of CPU (the step, GPU-bound, 126 ms); selective blocks in 21846-sample windows of
-# one sample went from 219 to 138 ms (docs/BENCHMARKS.md, "Exact length tiling"). With
+# the CPU's. On an H200 a tcn step in 8192-sample windows took 101.0 ms of CPU for a 128.2 ms step;
+# graphed, 6.0 ms of CPU (the step, GPU-bound, 125.1 ms); selective blocks in 21846-sample windows
+# of one sample went from 219 to 138 ms (docs/BENCHMARKS.md, "Exact length tiling"). With
 # ``Tiled(..., cuda_graphs=True)`` each window shape is captured once into a CUDA graph and replayed:
 # forward windows (the no-grad call) and backward windows (the recompute with autograd and
 # ``torch.autograd.grad`` of that window's slice of the output gradient, to the window's input and
