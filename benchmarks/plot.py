@@ -29,6 +29,15 @@ def read(name: str, statuses=("ok",)):
     return list(latest.values())
 
 
+def _save(fig, plt, name: str, dpi: int) -> str:
+    """Lay out `fig`, write it to results/`name` and close it; the path written."""
+    fig.tight_layout()
+    path = os.path.join(RESULTS, name)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_estimate(rows, plt) -> str:
     rows = [r for r in rows if r.get("estimate_bytes")]
     labels = [f"{r['model']}\n{'bf16' if 'bf16' in r['strategy'] else 'fp32'}" for r in rows]
@@ -44,11 +53,7 @@ def plot_estimate(rows, plt) -> str:
     ax.set_ylabel("peak GiB")
     ax.set_title("Training-step peak: CUDA allocator vs convmem's no-GPU estimate")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(RESULTS, "estimate_accuracy.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, "estimate_accuracy.png", dpi=110)
 
 
 def plot_pareto(rows, plt) -> str:
@@ -70,11 +75,7 @@ def plot_pareto(rows, plt) -> str:
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
     fig.suptitle(f"Peak memory vs step time ({rows[0]['device']})")
-    fig.tight_layout()
-    path = os.path.join(RESULTS, "pareto.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, "pareto.png", dpi=100)
 
 
 ANCHOR_NAMES = ("eager_fp32", "bf16_autocast", "torch_checkpoint_blocks", "checkpoint_sequential_sqrt",
@@ -164,10 +165,7 @@ def plot_optimize_pareto(plans_of_every_model, plt):
         ax.set_title(f"{model}: peak memory vs step time ({plans[0]['device']})")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(RESULTS, f"pareto_{model}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        path = _save(fig, plt, f"pareto_{model}.png", dpi=100)
         written.append(path)
     return written
 
@@ -204,11 +202,7 @@ def plot_tile_curve(rows, plt) -> str:
     tx.plot(tiles, [float(r["step_ms"]) / base_ms for _, r in plain], "s--", color="tab:orange", label="time / eager")
     tx.set_ylabel("step time / eager's", color="tab:orange")
     bx.set_title(f"memory and time against tile length ({eager['device']}, commit {eager['commit']})")
-    fig.tight_layout()
-    path = os.path.join(RESULTS, "tile_curve.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, "tile_curve.png", dpi=110)
 
 
 def main() -> int:
