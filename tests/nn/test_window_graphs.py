@@ -199,3 +199,20 @@ def test_cuda_capture_failure_falls_back():
     with pytest.warns(UserWarning, match="could not be captured"):
         assert_same_step(module, tiled, [x], steps=3)
     assert tiled.graphs.captures == 0
+
+
+@cuda
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_cuda_graphs_of_compiled_checkpointed_windows_equal_untiled_float64():
+    # The configuration of docs/BENCHMARKS.md's tcn result, small: half the blocks checkpointed in
+    # full and half selectively, compiled in place, tiled with batch chunks, windows replayed.
+    entry = convmem.zoo.get("tcn", dtype=torch.float64, device="cuda")
+    model = twin(entry.model)
+    half = set(entry.blocks[::2])
+    convmem.checkpoint_(model, policy="full", filter_fn=lambda m, fqn: fqn in half)
+    convmem.checkpoint_(model, policy="selective", filter_fn=lambda m, fqn: fqn in set(entry.blocks) - half)
+    model.compile(dynamic=False)
+    tiled = Tiled(model, 1024, batch_chunk=1, forward_tile_length=1024, cuda_graphs=True)
+    x = seeded_randn(2, 1, 3001).cuda()
+    assert_same_step(entry.model, tiled, [x], entry.loss_fn, steps=3)
+    assert tiled.graphs.captures > 0 and tiled.graphs.replays > 0
