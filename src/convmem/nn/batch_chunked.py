@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..profile.autocast_sim import autocast_region, autocast_state
 from ._wrapper import ModuleWrapper
-from .tiled import _tolerance
+from .tiled import samples_coupled
 
 __all__ = ["BatchChunked"]
 
@@ -138,20 +138,7 @@ class BatchChunked(ModuleWrapper):
         key = ("verified", x.dtype, x.device.type, tuple(x.shape[1:]), self.training)
         if key in self._verified:
             return
-        with torch.no_grad():
-            pair = x[:2]
-            together = [t for t in tree_flatten(self.wrapped(pair))[0] if isinstance(t, torch.Tensor)]
-            apart = [torch.cat(parts) for parts in zip(*[
-                [t for t in tree_flatten(self.wrapped(pair[i:i + 1]))[0] if isinstance(t, torch.Tensor)] for i in range(2)
-            ])]
-        tolerance = _tolerance(x)  # Tiled's: NOTE [Verify before use]
-        for a, b in zip(together, apart):
-            if a.shape != b.shape or a.shape[0] != 2:
-                raise ValueError(f"BatchChunked: an output of shape {tuple(a.shape)} has no batch axis 0")
-            scale = b.abs().max().item() or 1.0
-            difference = (a - b).abs().max().item() / scale
-            if difference > tolerance:
-                raise ValueError(
-                    f"BatchChunked: {type(self.wrapped).__name__} couples the samples of a batch: two samples run "
-                    f"together and apart differ by {difference:.2e} (relative); it cannot be chunked exactly")
+        problem = samples_coupled(self.wrapped, x[:2])  # Tiled's check: NOTE [Batch chunks] in tiled.py
+        if problem is not None:
+            raise ValueError(f"BatchChunked: {type(self.wrapped).__name__}: {problem}; it cannot be chunked exactly")
         self._verified[key] = True

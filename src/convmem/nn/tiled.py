@@ -662,13 +662,28 @@ def _tolerance(t: torch.Tensor) -> float:
 
 def _verify_batch(module: nn.Module, rf: ReceptiveField, x: torch.Tensor, args, kwargs) -> Optional[str]:
     """None if running the samples of `x` one at a time equals running them together (NOTE [Batch chunks])."""
+    problem = samples_coupled(module, x, args, kwargs, time_axes=[omap.axis for omap in rf.outputs])
+    return None if problem is None else f"batch_chunk: {problem}; backward cannot split it (leave batch_chunk=None)"
+
+
+def samples_coupled(module: nn.Module, x: torch.Tensor, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    time_axes: Optional[Sequence[int]] = None) -> Optional[str]:
+    """None if `module` run on the samples of `x` (batch on axis 0) one at a time gives what it gives
+    on them together, within floating-point reassociation (`_tolerance`); else what differs.
+
+    The check behind batch chunks, Tiled's (NOTE [Batch chunks]) and BatchChunked's: every output
+    must carry the batch on axis 0 (`time_axes`, where given, are the outputs' time axes), and a
+    module that couples the samples (batch statistics, ``x - x.mean(0)``) is found by the values.
+    """
+    kwargs = kwargs or {}
     with torch.no_grad(), buffers_kept(module):
         together = [t for t in tree_flatten(module(x, *args, **kwargs))[0] if isinstance(t, torch.Tensor)]
         apart = [[t for t in tree_flatten(module(x[i:i + 1], *args, **kwargs))[0] if isinstance(t, torch.Tensor)]
                  for i in range(x.shape[0])]
-    for k, (t, omap) in enumerate(zip(together, rf.outputs)):
-        if t.ndim < 2 or omap.axis == 0 or t.shape[0] != x.shape[0]:
-            return f"batch_chunk: output {k} of shape {tuple(t.shape)} has no batch on axis 0"
+    for k, t in enumerate(together):
+        time_axis = None if time_axes is None else time_axes[k]
+        if t.ndim < 2 or time_axis == 0 or t.shape[0] != x.shape[0]:
+            return f"output {k} of shape {tuple(t.shape)} has no batch axis 0"
         expected = torch.cat([a[k] for a in apart])
         if not t.is_floating_point():
             differs = not torch.equal(t, expected)
@@ -677,10 +692,8 @@ def _verify_batch(module: nn.Module, rf: ReceptiveField, x: torch.Tensor, args, 
             scale = expected.double().abs().max().item() if expected.numel() else 0.0
             differs = bool(expected.numel()) and (t.double() - expected.double()).abs().max().item() > tolerance * max(scale, 1e-30)
         if differs:
-            return (
-                f"batch_chunk: output {k} for a batch of {x.shape[0]} differs from running the samples one at a time; "
-                "the module couples the samples of a batch, so backward cannot split it (leave batch_chunk=None)"
-            )
+            return (f"output {k} for a batch of {x.shape[0]} differs from running the samples one at a time: "
+                    "the module couples the samples of a batch")
     return None
 
 
