@@ -714,3 +714,26 @@ def test_empty_batch(batch_chunk):
     x = _input(0, 2, 60).requires_grad_(True)
     tiled(x).square().sum().backward()
     assert x.grad.shape == x.shape and tiled.last_windows == 4
+
+
+def test_a_used_tiled_module_pickles_and_copies():
+    # torch.save(model) pickles the whole module: the per-signature analyses hold closures of the
+    # length analysis and are left out (made again at the first call); a deep copy keeps them.
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.GELU(), nn.Conv1d(4, 2, 3, padding=1)).double()
+    tiled = Tiled(copy.deepcopy(block), 64)
+    x = torch.randn(2, 2, 300, dtype=torch.float64)
+    tiled(x).sum().backward()
+    assert tiled._fields
+    buffer = io.BytesIO()
+    torch.save(tiled, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not loaded._fields and loaded.tile_length == 64
+    assert relative_error(loaded(x), block(x)) < TOL
+    copied = copy.deepcopy(tiled)
+    assert copied._fields and copied.wrapped is not tiled.wrapped
+    assert relative_error(copied(x), block(x)) < TOL

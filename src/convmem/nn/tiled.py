@@ -60,6 +60,7 @@ the untiled module's up to floating-point reassociation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -489,6 +490,21 @@ class Tiled(ModuleWrapper):
         self._plans: Dict[Any, Tuple[List[Window], List[Window], Optional[int]]] = {}
         self._multiple = _forward_multiple(module)
         self.graphs: Optional[WindowGraphs] = WindowGraphs(name) if cuda_graphs else None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled (``torch.save(model)``) without the per-signature analyses and window plans: they
+        hold closures of the length analysis, and the first call after loading makes them again."""
+        state = self.__dict__.copy()
+        state["_fields"], state["_plans"] = {}, {}
+        return state
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "Tiled":
+        """A deep copy keeps the analyses (copied like everything else), unlike a pickle."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def release_graphs(self) -> None:
         """Free the CUDA graphs of `cuda_graphs=True` and their memory pool; the next steps capture anew."""
