@@ -523,11 +523,11 @@ class Tiled(ModuleWrapper):
         if not isinstance(x, torch.Tensor) or x.ndim == 0:
             raise TypeError(f"{self.name}: the first argument must be a sequence tensor, got {type(x).__name__}")
         axis = self.length_axis % x.ndim
-        rf, windows, forward_windows, chunk = self._plan(x, axis, args, kwargs)
+        signature, rf, windows, forward_windows, chunk = self._plan(x, axis, args, kwargs)
         if rf is None:
             return self.wrapped(x, *args, **kwargs)
         runner = _Runner(self.wrapped, rf, windows, axis, args, kwargs, forward_windows, chunk, self.graphs,
-                         key=self._signature(x, axis, args, kwargs) if self.graphs is not None else None)
+                         key=signature)
         if runner.graphs is not None:
             runner.graphs.begin_call()
         if torch.is_grad_enabled() and (x.requires_grad or runner.params or runner.grad_index):
@@ -542,9 +542,10 @@ class Tiled(ModuleWrapper):
 
     @torch.compiler.disable
     def _plan(self, x: torch.Tensor, axis: int, args,
-              kwargs) -> Tuple[Optional[ReceptiveField], List[Window], List[Window], Optional[int]]:
-        """The analysis (once per signature), this input's backward and forward windows, and the batch
-        chunk (None: the whole batch at once). Cached per signature, length and batch.
+              kwargs) -> Tuple[tuple, Optional[ReceptiveField], List[Window], List[Window], Optional[int]]:
+        """The input's signature, the analysis (once per signature), this input's backward and forward
+        windows, and the batch chunk (None: the whole batch at once). Cached per signature, length and
+        batch.
 
         # NOTE [Tiling under torch.compile]
         # Analysis, probe and verification (a dispatch-mode trace, deep copies, autograd probes) and
@@ -555,7 +556,7 @@ class Tiled(ModuleWrapper):
         rf = self._receptive_field(key, x, axis, args, kwargs)
         if rf is None:
             self.last_windows = self.last_forward_windows = 1
-            return None, [], [], None
+            return key, None, [], [], None
         batch = x.shape[0] if x.ndim > 1 and axis != 0 else 1
         plan_key = (key, x.shape[axis], batch)
         if plan_key not in self._plans:
@@ -573,7 +574,7 @@ class Tiled(ModuleWrapper):
             self._plans[plan_key] = (windows, forward_windows, chunk)
         windows, forward_windows, chunk = self._plans[plan_key]
         self.last_windows, self.last_forward_windows = max(1, len(windows)), max(1, len(forward_windows))
-        return rf, windows, forward_windows, chunk
+        return key, rf, windows, forward_windows, chunk
 
     def _chunk(self, x: torch.Tensor, axis: int, args, kwargs) -> Optional[int]:
         """`batch_chunk` where it splits this input's batch, else None (NOTE [Batch chunks])."""
