@@ -323,8 +323,7 @@ def optimize_(
                 continue
             uniform = min_peak(ChainProblem(problem.n_items, problem.base,
                                             [c for c in problem.choices if c.option == option], problem.forward_base))
-            if uniform is None or (best is not None and [(s.start, s.stop, s.option) for s in best.segments]
-                                   == [(c.start, c.stop, c.option) for c in uniform.segments]):
+            if uniform is None or (best is not None and _layout(best.segments) == _layout(uniform.segments)):
                 continue
             restore_(model)
             candidate = make(uniform)
@@ -372,9 +371,10 @@ def optimize_(
     smallest, best = None, None
     subsets = sorted({tuple(a for a in options if a not in dropped)
                       for options in (allowed, config.allow) for dropped in ((), ("offload",), ("offload", "tile"))})
+    judged_layouts = {_layout(plan.segments) for _, plan in judged_uniform}  # over the budget: counted below
     for subset in subsets:
         floor = min_peak(costs.problem(subset, plan_length))
-        if floor is None:
+        if floor is None or (here and _layout(floor.segments) in judged_layouts):
             continue
         plan = make(floor)
         peak = floor.peak
@@ -416,6 +416,11 @@ def optimize_(
         "and FLOPs, not activation memory (docs/lossy.md).",
         smallest, lossy_min, costs=costs, plan=best,
     )
+
+
+def _layout(segments) -> Tuple:
+    """Which blocks take which option: what makes two plans (or solutions) the same plan."""
+    return tuple((s.start, s.stop, s.option, s.tile_length, s.batch_chunk) for s in segments)
 
 
 def _lossy_min(costs: ChainCosts, allow, length: int) -> int:
