@@ -34,6 +34,13 @@ from torch import nn
 CallKey = Tuple[str, int]  # (qualified name of the Conv1d in the block, its call index in one forward)
 
 
+def next_call(calls: Dict[str, int], name: str) -> CallKey:
+    """The key of this call of module `name`, counting its calls in `calls` (one forward's)."""
+    index = calls.get(name, 0)
+    calls[name] = index + 1
+    return name, index
+
+
 _REPLAYABLE = (nn.Conv1d, nn.ConvTranspose1d)
 
 
@@ -90,10 +97,9 @@ class KeepConvOutputs:
         self._calls: Dict[str, int] = {}
 
     def _hook(self, name: str, module: nn.Module, args, output: torch.Tensor) -> None:
-        index = self._calls.get(name, 0)
-        self._calls[name] = index + 1
-        if (name, index) in self.wanted:
-            self.kept[(name, index)] = output.detach()
+        key = next_call(self._calls, name)
+        if key in self.wanted:
+            self.kept[key] = output.detach()
 
     def __enter__(self) -> None:
         self._calls = {}
@@ -114,9 +120,7 @@ class ReplayConvOutputs:
         self._shadowed: List[Tuple[nn.Module, Optional[object]]] = []
 
     def _forward(self, name: str, conv: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        index = self._calls.get(name, 0)
-        self._calls[name] = index + 1
-        kept = self.first.kept.pop((name, index), None)
+        kept = self.first.kept.pop(next_call(self._calls, name), None)
         if kept is None or args or kwargs:  # not kept, or a ConvTranspose1d given an output_size
             return type(conv).forward(conv, x, *args, **kwargs)
         return _KeptConvolution.apply(x, conv.weight, conv.bias, kept, _options(conv))

@@ -109,7 +109,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..profile.autocast_sim import SimulatedAutocast, autocast_region, autocast_state
 from ..profile.estimate import meta_clone, to_meta
 from ..profile.recorder import tensors_in
-from ._conv_replay import CallKey, KeepConvOutputs, ReplayConvOutputs, replayable
+from ._conv_replay import CallKey, KeepConvOutputs, ReplayConvOutputs, next_call, replayable
 from ._wrapper import ModuleWrapper
 
 try:  # public since PyTorch 2.5
@@ -494,9 +494,7 @@ class _Lineage(TorchDispatchMode):
         return tensor
 
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
-        index = self._calls.get(name, 0)
-        self._calls[name] = index + 1
-        self.running.append((name, index))
+        self.running.append(next_call(self._calls, name))
 
     def leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         self.running.pop()
