@@ -159,48 +159,6 @@ def test_selective_recomputes_conv_outputs_modified_in_place():
     assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [seeded_randn(2, 4, 9)])
 
 
-class StemBlock(nn.Module):
-    """A raw-signal stem inside a block (wav2vec 2.0's first layer): conv 1 -> 32 channels, kernel 4,
-    stride 2, GroupNorm, GELU; then a dense 3-tap conv, GELU."""
-
-    def __init__(self, expansion=32):
-        super().__init__()
-        self.stem = nn.Conv1d(1, expansion, 4, stride=2, bias=False)
-        self.norm = nn.GroupNorm(expansion, expansion)
-        self.conv = nn.Conv1d(expansion, 4, 3)
-
-    def forward(self, x):
-        return F.gelu(self.conv(F.gelu(self.norm(self.stem(x)))))
-
-
-@needs_selective
-def test_selective_recomputes_a_cheap_stem_instead_of_keeping_it():
-    # NOTE [Cheap stems]: 4 multiply-adds per output element, an output 16x its input: recomputed.
-    # The dense 3-tap conv over 32 channels (96 per element) stays kept.
-    block = _block(StemBlock)
-    x = seeded_randn(3, 1, 21)
-    assert checkpointed_module._probe_kept_ops(block, (x,), {}).keep == (False, True)
-    assert_same_step(block, Checkpointed(copy.deepcopy(block), "selective"), [x], steps=2)
-    # Too little expansion (4 channels from 1 at stride 2: 2x) and it is kept like any conv.
-    narrow = _block(StemBlock, 4)
-    assert checkpointed_module._probe_kept_ops(narrow, (x,), {}).keep == (True, True)
-
-
-@needs_selective
-def test_the_compiled_policy_recomputes_cheap_stems_and_keeps_other_convolutions():
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    policy, conv = checkpointed_module._compiled_policy, torch.ops.aten.convolution.default
-    stem, dense = torch.empty(32, 1, 4), torch.empty(32, 32, 3)
-    x = torch.empty(2, 1, 16)
-    assert policy(None, conv, x, stem, None, [2], [0], [1], False, [0], 1) == CheckpointPolicy.PREFER_RECOMPUTE
-    assert policy(None, conv, x, dense, None, [1], [0], [1], False, [0], 1) == CheckpointPolicy.PREFER_SAVE
-    # Transposed (an upsampler's weight is in x out) and grouped convolutions are never stems.
-    assert policy(None, conv, x, torch.empty(1, 32, 4), None, [2], [0], [1], True, [0], 1) == CheckpointPolicy.PREFER_SAVE
-    assert policy(None, conv, x, torch.empty(32, 1, 3), None, [1], [0], [1], False, [0], 32) == CheckpointPolicy.PREFER_SAVE
-    assert policy(None, torch.ops.aten.gelu.default, x) == CheckpointPolicy.PREFER_RECOMPUTE
-
-
 class ValueDependent(nn.Module):
     """Reads a tensor value in forward: the meta probe cannot run it."""
 

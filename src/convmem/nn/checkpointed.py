@@ -67,26 +67,10 @@ recompute (the RNG state is replayed), and autocast is re-entered as it was.
 # the conv's output) and is recomputed. The result keeps a subset of what the untouched model
 # keeps, and recomputes no convolution whose output is kept.
 #
-# One kind of convolution is treated as a cheap op (never kept, recomputed): NOTE [Cheap stems].
-#
 # The decisions are cached per segment and per train/eval mode; they only steer memory and time,
 # never values: any choice of kept ops gives exact gradients. A block the meta probe cannot run
 # (it reads tensor values, or makes tensors on a fixed device) is checkpointed in full, with a
 # warning.
-#
-# NOTE [Cheap stems]
-# A convolution over a raw signal -- one input channel, a kernel of 10 samples, 512 output channels:
-# the first layer of wav2vec 2.0's encoder -- costs no more multiply-adds per output element than a
-# GELU costs operations, and makes the model's largest tensor from one 100 times smaller. Keeping
-# its output is the most expensive thing selective could keep and the cheapest to avoid: its input
-# is kept anyway (the block's input), and recomputing it is a few microseconds of arithmetic per
-# megabyte. So a dense convolution (groups=1, not transposed) with at most 16 multiply-adds per
-# output element (in_channels x kernel) whose output has at least 8 times the elements of its
-# input (out_channels >= 8 x in_channels x stride) is recomputed like the pointwise ops, in eager
-# mode and under torch.compile alike. Measured on an H200 (w2v2_fe, batch 8 x 320,000 samples):
-# under torch.compile, selective that kept that output peaked at 5.924 GiB, above eager's 5.909;
-# leaving that block out gave compile default's 4.948. Depthwise convolutions are cheap by the same
-# count (3 or 31 multiply-adds) but excluded: they do not expand, and stock PyTorch runs them slowly.
 #
 # NOTE [Selective recompute under autocast]
 # Autocast casts a float32 weight to the low dtype once per autocast region and caches the cast.
@@ -113,7 +97,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 from typing import Any, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
@@ -464,26 +447,7 @@ class _KeepPolicy:
 
 def _compiled_policy(ctx, op, *args, **kwargs):
     # NOTE [Checkpointing under torch.compile]: PREFER_SAVE leaves the choice to the partitioner.
-    if op in _EXPENSIVE_OPS and not _cheap_stem(op, args):
-        return CheckpointPolicy.PREFER_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-# NOTE [Cheap stems]: at most this many multiply-adds per output element, and this much larger an output.
-_CHEAP_MACS = 16
-_STEM_EXPANSION = 8
-
-
-def _cheap_stem(op, args) -> bool:
-    """Whether this ``aten.convolution`` call is recomputed rather than kept (NOTE [Cheap stems])."""
-    if op is not _aten.convolution.default:
-        return False
-    weight, stride, transposed, groups = args[1], args[3], args[6], args[8]
-    if transposed or groups != 1:
-        return False
-    in_channels = weight.shape[1]
-    macs = in_channels * math.prod(weight.shape[2:])
-    return macs <= _CHEAP_MACS and weight.shape[0] >= _STEM_EXPANSION * in_channels * math.prod(stride)
+    return CheckpointPolicy.PREFER_SAVE if op in _EXPENSIVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class _Lineage(TorchDispatchMode):
@@ -499,7 +463,6 @@ class _Lineage(TorchDispatchMode):
         self.running: List[CallKey] = []  # module calls under way, innermost last (kept by `enter`/`leave`)
         self._calls: Dict[str, int] = {}
         self.mutated: Set[int] = set()  # expensive op calls whose output is later written in place
-        self.cheap: Set[int] = set()  # expensive op calls recomputed anyway: NOTE [Cheap stems]
         self._sources = WeakIdKeyDictionary()  # storage -> indices of the expensive ops it depends on
         self._producer = WeakIdKeyDictionary()  # storage -> index of the expensive op that made it
 
@@ -513,8 +476,6 @@ class _Lineage(TorchDispatchMode):
         if func in _EXPENSIVE_OPS:
             index = len(self.needed)
             self.needed.append(False)
-            if _cheap_stem(func, args):
-                self.cheap.add(index)
             self.issuers.append(self.running[-1] if self.running else None)
             sources = frozenset({index})
             for t in tensors_in(out):
@@ -584,8 +545,7 @@ def _probe_kept_ops(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, 
             stacklevel=4,
         )
         return None
-    unkeepable = lineage.mutated | lineage.cheap
-    keep = tuple(needed and index not in unkeepable for index, needed in enumerate(lineage.needed))
+    keep = tuple(needed and index not in lineage.mutated for index, needed in enumerate(lineage.needed))
     modules = dict(clone.named_modules())
     calls = [lineage.issuers[i] for i, k in enumerate(keep) if k]
     replay = all(call is not None and replayable(modules[call[0]]) for call in calls)
