@@ -18,6 +18,7 @@ from torch import nn
 import convmem
 from _compare import assert_same_step, twin
 from convmem import zoo
+from convmem.nn._wrapper import ModuleWrapper
 from convmem._units import format_bytes
 from convmem.nn._wrapper import ModuleWrapper, wrapper_state
 from convmem.plan import Plan, apply_
@@ -263,6 +264,26 @@ def test_uniform_plans_are_judged_under_compile(monkeypatch, case):
     assert (_uniform(plan) == "selective") == (case == "faster")
     assert plan.measured_peak_bytes <= budget
     assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes == plan.estimated_peak_bytes
+
+
+def test_keeping_everything_compiled_is_judged_too(monkeypatch):
+    # NOTE [Uniform plans under compile]: compiled as it is, the model can fit a budget its eager
+    # costs say it misses (w2v2_fe: 4.95 GiB compiled, 5.91 eager); then nothing is wrapped.
+    entry, first = _planned_at(0.8)
+    budget = first.budget_bytes
+    tried = []
+
+    def fake(plan):
+        tried.append(plan)
+        keep = all(s.option == "keep" for s in plan.segments)
+        plan.measured_peak_bytes = budget - 1 if keep else plan.estimated_peak_bytes * 9 // 10
+        plan.measured_step_s = 0.9 if keep else 1.0 + plan.predicted_extra_s
+
+    _compiled_measured_by(monkeypatch, fake)
+    plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    assert all(s.option == "keep" for s in plan.segments) and plan.measured_peak_bytes < budget
+    assert not any(isinstance(m, ModuleWrapper) for m in entry.model.modules())
+    assert not all(s.option == "keep" for s in tried[0].segments), "the solved plan comes first"
 
 
 def test_a_uniform_plan_rescues_a_budget_the_solved_plans_miss(monkeypatch):
