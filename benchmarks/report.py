@@ -11,7 +11,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from plot import ANCHOR_NAMES, configuration_rows, plan_rows, read, rows_of_every_run, session_anchors  # noqa: E402
+from plot import ANCHOR_BENCHES, ANCHOR_NAMES, configuration_rows, plan_rows, read, rows_of_every_run, session_anchors  # noqa: E402
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "BENCHMARKS.md")
 
@@ -148,10 +148,6 @@ def matched_table() -> str:
         lines.append(f"| {r['model']} | {name} | {gib(a['peak_bytes'])} | {float(a['step_ms']):.1f} | {_plan_text(r['note'])} "
                      f"({r['regime']}) | {gib(r['peak_bytes'])} | {float(r['step_ms']):.1f} | {'yes' if won else '**no**'} |")
     return "\n".join(lines) + "\n\n(Anchor and plan from the same run, minutes apart on one card.)"
-
-
-# Every bench that measures anchors the harness's way; dominance takes each anchor at its best over all.
-ANCHOR_BENCHES = ("optimize", "graphed", "anchors", "compile")
 
 
 def dominance_table(with_configurations: bool = False) -> str:
