@@ -162,10 +162,10 @@ def run(
             finally:
                 signal.alarm(0)
                 del entry, prepared
+                torch._dynamo.reset()  # first: it drops CUDA graph trees, whose pools empty_cache can then give back
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                torch._dynamo.reset()
             rows.append(row)
             _append(out_csv, row)
             print(_line(row), flush=True)

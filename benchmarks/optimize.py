@@ -20,7 +20,9 @@ Per model, in one process on one card:
    precision ("convmem_at_<anchor>_compiled"): an eager anchor met by a compiled plan;
 4. plans under bf16 autocast (``--bf16``, shares of the eager fp32 peak) and plans run under
    torch.compile (``--compiled``; only the options compile traces: selective, checkpoint), judged by
-   the compiled step's measured peak (``optimize_(..., compiled=True)``).
+   the compiled step's measured peak (``optimize_(..., compiled=True)``; with ``--compile-mode
+   reduce-overhead`` every compiled row is planned, judged and run in that mode, CUDA graphs' pool
+   counted).
 
 The planner's option costs are taken once per model and regime (its own timing on this card) and
 reused for every budget (``costs=``). Rows go to OUT_DIR/optimize.csv with a ``regime`` column
@@ -76,10 +78,10 @@ def _emit(out_csv, row):
 
 
 def _cleanup():
+    torch._dynamo.reset()  # first: it drops CUDA graph trees, whose pools empty_cache can then give back
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    torch._dynamo.reset()
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = 1.0  # the compile anchors set it process-wide
@@ -146,6 +148,9 @@ def bench_model(name, args, base, out_csv, deadline):
 
     def plan_row(strategy, budget, regime):
         compiled, autocast = "compile" in regime, (torch.bfloat16 if "bf16" in regime else None)
+        mode = args.compile_mode if compiled else None
+        if mode:
+            strategy += "_" + mode.replace("-", "_")  # beside, not in place of, the default mode's rows
         allow = COMPILE_OPTIONS if compiled else OPTIONS
         entry = zoo.get(name, size=args.size, device=args.device)
         row = _row(base, name, strategy, entry, regime)
@@ -154,11 +159,12 @@ def bench_model(name, args, base, out_csv, deadline):
         def work(entry):
             began = time.time()
             plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=allow,
-                             autocast=autocast, compiled=compiled, costs=costs.get((regime, allow)))
+                             autocast=autocast, compiled=mode or compiled, costs=costs.get((regime, allow)))
             costs[(regime, allow)] = plan.costs
             planned_s = time.time() - began
-            forward = torch.compile(entry.model) if compiled else entry.model
-            prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, autocast_dtype=autocast, forward=forward)
+            forward = torch.compile(entry.model, mode=mode) if compiled else entry.model
+            prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, autocast_dtype=autocast, forward=forward,
+                                warmup_steps=3 if mode else 1)
             _measure(entry, prepared, row, args, device)
             row["status"] = "ok" if row["peak_bytes"] <= budget else "over"
             row["estimate_bytes"] = plan.estimated_peak_bytes
@@ -205,6 +211,9 @@ def main(argv=None):
                         help="anchors to plan at with the plan under torch.compile, in the anchor's precision")
     parser.add_argument("--bf16", default="", help="shares of the eager fp32 peak, planned under bf16 autocast")
     parser.add_argument("--compiled", default="", help="shares of the eager fp32 peak, planned for torch.compile")
+    parser.add_argument("--compile-mode", choices=("reduce-overhead",),
+                        help="plan and run the compiled rows in this torch.compile mode (CUDA graphs: the "
+                             "pool counts in the peak); their names end in _reduce_overhead")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the plan at the smallest feasible budget (run when some budget is infeasible)")

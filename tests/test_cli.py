@@ -186,3 +186,7 @@ def test_optimize_compile_flag_plans_for_a_compiled_model(capsys, monkeypatch):
                          "--compile", "--device", "meta", "--no-verify")
     assert code == 0, err
     assert seen["compiled"] is True and "measured under torch.compile" not in out
+    code, out, err = run(capsys, "optimize", "zoo:tcn", "--budget", "0.5", "--allow", "selective,checkpoint",
+                         "--compile", "reduce-overhead", "--device", "meta", "--no-verify")
+    assert code == 0, err
+    assert seen["compiled"] == "reduce-overhead"

@@ -19,6 +19,7 @@ from torch import nn
 from . import zoo
 from ._units import format_bytes, parse_bytes
 from .plan.costs import OPTIONS
+from .strategies.optimize import COMPILE_MODES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -350,8 +351,10 @@ def parser() -> argparse.ArgumentParser:
                                       "nothing) or cpu; default: cuda if there is a GPU, else meta")
     opt.add_argument("--lossy", action="store_true",
                      help="also allow bfloat16 saved activations per block (gradients change, outputs do not)")
-    opt.add_argument("--compile", action="store_true",
-                     help="the model will train under torch.compile: on a GPU, judge the plan by the compiled step")
+    opt.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                     choices=COMPILE_MODES,
+                     help="the model will train under torch.compile (in MODE, e.g. reduce-overhead, whose CUDA "
+                          "graphs' pool then counts): on a GPU, judge the plan by the compiled step")
     opt.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip the exact-gradient check on a small float64 copy (zoo models)")
     opt.add_argument("--json", action="store_true", help="print the plan as JSON (Plan.to_dict) and nothing else")

@@ -18,6 +18,7 @@ from torch import nn
 import convmem
 from _compare import assert_same_step, twin
 from convmem import zoo
+from convmem.plan.plan import Plan
 from convmem.nn._wrapper import ModuleWrapper
 from convmem._units import format_bytes
 from convmem.nn._wrapper import ModuleWrapper, wrapper_state
@@ -166,9 +167,9 @@ def _compiled_measured_by(monkeypatch, fake) -> None:
     """optimize_ on a stand-in GPU whose compiled step `fake(plan)` measures (no eager measurement)."""
     from convmem.strategies import optimize as module
 
-    def measure_compiled(model, inputs, loss_fn, autocast, plan, say):
+    def measure_compiled(model, inputs, loss_fn, autocast, plan, say, mode=None):
         fake(plan)
-        plan.measured_compiled = True
+        plan.measured_compiled, plan.measured_compile_mode = True, mode
 
     def no_eager(*args):
         raise AssertionError("a compiled plan must not be judged by the eager step")
@@ -264,6 +265,52 @@ def test_uniform_plans_are_judged_under_compile(monkeypatch, case):
     assert (_uniform(plan) == "selective") == (case == "faster")
     assert plan.measured_peak_bytes <= budget
     assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes == plan.estimated_peak_bytes
+
+
+def test_a_compile_mode_reaches_the_judge_and_the_explanation(monkeypatch):
+    # NOTE [Plans for CUDA graphs]: compiled="reduce-overhead" measures the step in that mode.
+    entry, first = _planned_at(0.8)
+    modes = []
+
+    def fake(plan):
+        plan.measured_peak_bytes, plan.measured_step_s = plan.estimated_peak_bytes, 1.0
+
+    _compiled_measured_by(monkeypatch, fake)
+    from convmem.strategies import optimize as module
+
+    judge = module._measure_compiled
+    monkeypatch.setattr(module, "_measure_compiled", lambda *args: (modes.append(args[-1]), judge(*args))[1])
+    plan = optimize_(entry.model, *entry.inputs, budget=first.budget_bytes, loss_fn=entry.loss_fn, allow=EXACT,
+                     compiled="reduce-overhead")
+    assert modes and set(modes) == {"reduce-overhead"}
+    assert plan.measured_compile_mode == "reduce-overhead"
+    assert "measured under torch.compile(mode='reduce-overhead')" in plan.explain()
+    assert Plan.from_dict(plan.to_dict()).measured_compile_mode == "reduce-overhead"
+
+
+@pytest.mark.parametrize("compiled, error", [("reduce_overhead", ValueError), (1, TypeError), (None, TypeError)])
+def test_a_compile_mode_that_does_not_exist_is_rejected(compiled, error):
+    entry = small("tcn")
+    with pytest.raises(error, match="torch.compile mode"):
+        optimize_(entry.model, *entry.inputs, budget=0.5, loss_fn=entry.loss_fn, compiled=compiled, measure=False)
+    assert not any(isinstance(m, ModuleWrapper) for m in entry.model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_plan_for_cuda_graphs_counts_their_pool(monkeypatch):
+    # NOTE [Plans for CUDA graphs]: the judged peak adds what the graphs' pool reserves, and each
+    # judged plan measures its own pool (the trees are reset around it).
+    from convmem.nn import _window_graphs
+
+    pools = []
+    real = _window_graphs.graph_pool_bytes
+    monkeypatch.setattr(_window_graphs, "graph_pool_bytes", lambda *a: (pools.append(real(*a)), pools[-1])[1])
+    entry = zoo.get("resnet1d", "small", device="cuda")
+    plan = optimize_(entry.model, *entry.inputs, budget=0.9, loss_fn=entry.loss_fn, allow=EXACT,
+                     compiled="reduce-overhead")
+    assert pools and pools[-1] > 0 and plan.measured_compile_mode == "reduce-overhead"
+    assert plan.measured_peak_bytes > pools[-1]
+    assert real() == 0, "the last judged plan's graphs must be released"
 
 
 def test_keeping_everything_compiled_is_judged_too(monkeypatch):
@@ -437,7 +484,7 @@ def test_other_arguments_are_checked():
         optimize_(entry.model, budget=0.5)
     with pytest.raises(TypeError, match="lossy"):
         optimize_(entry.model, *entry.inputs, budget=0.5, lossy="yes")
-    with pytest.raises(TypeError, match="compiled"):
+    with pytest.raises(ValueError, match="compiled"):
         optimize_(entry.model, *entry.inputs, budget=0.5, compiled="yes")
     for length in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="length"):

@@ -75,6 +75,7 @@ class Plan:
     measured_peak_bytes: Optional[int] = None  # on a GPU, after applying
     measured_step_s: Optional[float] = None
     measured_compiled: bool = False  # the measurement ran under torch.compile
+    measured_compile_mode: Optional[str] = None  # ... in this mode (None: the default one)
     eager_measured_peak_bytes: Optional[int] = None
     eager_step_s: Optional[float] = None
     lossy_gradient_error: Optional[float] = None  # lossy options: relative L2 error of all gradients, measured
@@ -111,7 +112,8 @@ class Plan:
         if self.measured_peak_bytes is not None:
             eager = (f" (untouched {format_bytes(self.eager_measured_peak_bytes)}, {self.eager_step_s * 1e3:.1f} ms)"
                      if self.eager_measured_peak_bytes is not None and self.eager_step_s is not None else "")
-            how = " under torch.compile" if self.measured_compiled else ""
+            mode = f"(mode={self.measured_compile_mode!r})" if self.measured_compile_mode else ""
+            how = f" under torch.compile{mode}" if self.measured_compiled else ""
             lines.append(f"  measured{how}: peak {format_bytes(self.measured_peak_bytes)}, step "
                          f"{self.measured_step_s * 1e3:.1f} ms{eager}")
         return "\n".join(lines)
