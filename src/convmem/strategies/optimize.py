@@ -99,9 +99,10 @@ _UNIFORM_OPTIONS = ("keep", "selective", "checkpoint")  # NOTE [Uniform plans un
 # max_memory_allocated does not see it: a plan is judged by the allocated peak plus every byte the
 # pools reserve (the benchmarks' rule; it counts the pool's static outputs twice, on the safe side).
 # Inductor's CUDA graph trees keep one pool per device for every graphed function of the process,
-# so each judged plan starts and ends with the trees reset (`reset_cudagraph_trees`): its pool is
-# its own, not the rounds' before it. That also drops any graphs the caller recorded before
-# calling optimize_ (they record again on their next call).
+# so each judged plan starts and ends with the trees reset (`torch.compiler.reset`, which drops the
+# compile caches with them: code compiled for a shut-down tree cannot run again): its pool is its
+# own, not the rounds' before it. That also drops whatever the caller compiled before calling
+# optimize_ (it compiles and records again on its next call).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPHED_MODES = ("reduce-overhead", "max-autotune")
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
@@ -535,10 +536,12 @@ def _measure_compiled(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, s
 
 
 def _reset_cudagraph_trees() -> None:
-    """Drop every CUDA graph tree and give their pools' memory back (NOTE [Plans for CUDA graphs])."""
-    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+    """Drop every CUDA graph tree and give their pools' memory back (NOTE [Plans for CUDA graphs]).
 
-    reset_cudagraph_trees()
+    Through `torch.compiler.reset`: compiled code cached for a shut-down tree fails if it runs again
+    ("Running CUDAGraph after shutdown"), so the compile caches go with the trees.
+    """
+    torch.compiler.reset()
     gc.collect()
     torch.cuda.empty_cache()  # a released pool's cached segments would count in the next plan's pool
 
