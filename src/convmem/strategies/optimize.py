@@ -52,13 +52,27 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # MiB, a plan of three checkpointed blocks and one selective to 449 MiB. The judged rounds only
 # re-solve downwards, so they can miss both the faster plan and a plan that fits. So when the step
 # is measured compiled, optimize_ also judges the plans with one option on every block (keep;
-# selective; checkpoint, in its least-peak segments): after a plan is accepted (and its slack used), one that
-# fits the budget and measures faster replaces it; when no solved plan fits, one that fits is
+# selective; checkpoint, in its least-peak segments): after a plan is accepted (and its slack
+# used), one that fits the budget and measures faster replaces it; when no solved plan fits, one that fits is
 # returned (the fastest) before the least-peak plans are tried, and the smallest feasible budget an
 # infeasibility names counts their measured peaks. Each costs one more compilation. "Keep" on every
 # block is the model compiled as it is, whose own recompute of pointwise ops can already fit a budget
 # the eager costs say it misses: w2v2_fe compiled keeps 4.948 GiB where eager keeps 5.909 (H200), at
 # 22.1 ms, while the plan solved for 99% of eager's peak compiled to 3.971 GiB at 27.9 ms.
+#
+# NOTE [Plans for CUDA graphs]
+# Under torch.compile's modes with CUDA graphs ("reduce-overhead", "max-autotune") the launches of
+# the recompute are gone too, which is where launch-bound Conv1d steps gain most (resnet1d on an
+# H200: every block selective, 8.9 ms at 0.844 GiB against compile's default mode, 11.7 ms at
+# 0.961; planned at 99% of that mode's peak, 0.900 GiB at 8.6 ms). The graphs keep their tensors
+# in a private pool that a replay does not allocate from, so max_memory_allocated does not see it:
+# a plan is judged by the allocated peak plus every byte the pools reserve (the benchmarks' rule;
+# it counts the pool's static outputs twice, on the safe side).
+# Inductor's CUDA graph trees keep one pool per device for every graphed function of the process,
+# so each judged plan starts and ends with the trees reset (`torch.compiler.reset`, which drops the
+# compile caches with them: code compiled for a shut-down tree cannot run again): its pool is its
+# own, not the rounds' before it. That also drops whatever the caller compiled before calling
+# optimize_ (it compiles and records again on its next call).
 """
 from __future__ import annotations
 
@@ -91,20 +105,8 @@ _SLACK_ROUNDS = 2  # NOTE [Using the slack]
 _SLACK_SHARE = 20  # a measured peak this share of the budget under it (5%) is worth another round
 _MEASURED_MARGIN = 500  # 0.2%: what a measured peak may differ by when measured again
 _UNIFORM_OPTIONS = ("keep", "selective", "checkpoint")  # NOTE [Uniform plans under compile]
-# NOTE [Plans for CUDA graphs]
-# Under torch.compile's modes with CUDA graphs ("reduce-overhead", "max-autotune") the launches of
-# the recompute are gone too, which is where launch-bound Conv1d steps gain most (resnet1d on an
-# H200: every block selective, 8.9 ms at 0.844 GiB against compile's default mode, 11.7 ms at
-# 0.961). The graphs keep their tensors in a private pool that a replay does not allocate from, so
-# max_memory_allocated does not see it: a plan is judged by the allocated peak plus every byte the
-# pools reserve (the benchmarks' rule; it counts the pool's static outputs twice, on the safe side).
-# Inductor's CUDA graph trees keep one pool per device for every graphed function of the process,
-# so each judged plan starts and ends with the trees reset (`torch.compiler.reset`, which drops the
-# compile caches with them: code compiled for a shut-down tree cannot run again): its pool is its
-# own, not the rounds' before it. That also drops whatever the caller compiled before calling
-# optimize_ (it compiles and records again on its next call).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_GRAPHED_MODES = ("reduce-overhead", "max-autotune")
+_GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA graphs]
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
 
 # Options whose wrappers step aside under torch.compile: NOTE [Plans for compiled models].
@@ -521,7 +523,7 @@ def _measure_compiled(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, s
     device = next(model.parameters()).device
     graphed = mode in _GRAPHED_MODES
     if graphed:
-        _reset_cudagraph_trees()
+        _reset_compiler()
     compiled = torch.compile(model, mode=mode)
     # compiles; CUDA graph trees warm up in the first call and record in the next
     step_seconds(compiled, inputs, loss_fn, repeats=_GRAPH_WARMUP if graphed else 1, warmup=0, autocast=autocast)
@@ -532,11 +534,12 @@ def _measure_compiled(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, s
     plan.measured_compile_mode = mode
     if graphed:
         del compiled
-        _reset_cudagraph_trees()  # the next plan judged measures its own pool only
+        _reset_compiler()  # the next plan judged measures its own pool only
 
 
-def _reset_cudagraph_trees() -> None:
-    """Drop every CUDA graph tree and give their pools' memory back (NOTE [Plans for CUDA graphs]).
+def _reset_compiler() -> None:
+    """Drop every CUDA graph tree, and the compiled code, and give the pools' memory back
+    (NOTE [Plans for CUDA graphs]).
 
     Through `torch.compiler.reset`: compiled code cached for a shut-down tree fails if it runs again
     ("Running CUDAGraph after shutdown"), so the compile caches go with the trees.
