@@ -55,3 +55,40 @@ def test_an_fp32_anchor_is_met_only_by_exact_fp32_plans():
     assert report.comparable("eager_fp32", "fp32+compile")
     assert not report.comparable("compile_default", "bf16+compile")
     assert report.comparable("bf16_autocast", "bf16")
+
+
+def _row(**fields) -> dict:
+    base = {"model": "m", "strategy": "eager_fp32", "status": "ok", "peak_bytes": str(2**30), "step_ms": "10.0",
+            "time": "2026-01-01T00:00:00", "input_shape": "1x1x8", "device": "card", "note": ""}
+    return {**base, **fields}
+
+
+def test_the_strategy_table_takes_the_newest_eager_row_of_any_bench(monkeypatch):
+    import report
+
+    csvs = {
+        "anchors": [_row(step_ms="20.0", time="2026-01-03T00:00:00")],
+        "compile": [_row(step_ms="30.0", time="2026-01-02T00:00:00"), _row(strategy="compile_default", step_ms="10.0")],
+        "strategies": [_row(step_ms="40.0", time="2026-01-01T00:00:00"), _row(strategy="convmem_x", step_ms="22.0")],
+    }
+    monkeypatch.setattr(report, "read", lambda name: csvs.get(name, []))
+    table = report.strategy_table("anchors", "compile", "strategies", only={"compile_default", "convmem_x"})
+    assert "| eager_fp32 | 1.000 | 1.00x | 20.0 | 1.00x |" in table
+    assert "| convmem_x | 1.000 | 1.00x | 22.0 | 1.10x |" in table and "| compile_default |" in table
+
+
+def test_dominance_takes_each_anchor_at_its_best_over_every_bench(monkeypatch):
+    import plot
+    import report
+
+    runs = {
+        "optimize": [_row(strategy="compile_default", step_ms="12.0", regime="fp32+compile"),
+                     _row(strategy="convmem_at_compile_default", step_ms="11.0", peak_bytes=str(2**29),
+                          regime="fp32+compile")],
+        "compile": [_row(strategy="compile_default", step_ms="10.5")],  # faster in another bench's run
+    }
+    monkeypatch.setattr(plot, "rows_of_every_run", lambda name, statuses=("ok",): runs.get(name, []))
+    monkeypatch.setattr(report, "plan_rows", lambda: [runs["optimize"][1]])
+    table = report.dominance_table()
+    assert "| m | compile_default | 1.000 | 10.5 | (none that fast) |" in table
+    assert table.endswith("Dominated: 0 of 1 anchors.")
