@@ -92,3 +92,10 @@ def test_dominance_takes_each_anchor_at_its_best_over_every_bench(monkeypatch):
     table = report.dominance_table()
     assert "| m | compile_default | 1.000 | 10.5 | (none that fast) |" in table
     assert table.endswith("Dominated: 0 of 1 anchors.")
+
+
+def test_the_fused_recompute_probe_is_exact():
+    # benchmarks/fused_recompute_probe.py: its measured configuration must compute what the model does.
+    import fused_recompute_probe
+
+    fused_recompute_probe.check()  # float64, three steps: gradients, parameters, BatchNorm statistics
