@@ -31,8 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from convmem import zoo  # noqa: E402
 from convmem.cli import environment  # noqa: E402
 from convmem.profile import estimate_step  # noqa: E402
-from convmem.nn._window_graphs import graph_pool_bytes  # noqa: E402
-from convmem.profile.measure import reset_cuda_peak  # noqa: E402
+from convmem.profile.measure import graph_pool_bytes, reset_cuda_peak  # noqa: E402
 
 FIELDS = [
     "bench", "model", "size", "strategy", "batch", "input_shape", "status", "peak_bytes", "peak_gib",

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 import strategies  # noqa: E402
 from convmem import zoo  # noqa: E402
-from convmem.nn._window_graphs import graph_pool_bytes  # noqa: E402
+from convmem.profile.measure import graph_pool_bytes  # noqa: E402
 from convmem.nn.tiled import Tiled  # noqa: E402
 
 # name -> prepare(entry): the tiled configurations `graphs` compares, each with and without graphs

@@ -18,8 +18,6 @@ from torch import nn
 import convmem
 from _compare import assert_same_step, twin
 from convmem import zoo
-from convmem.plan.plan import Plan
-from convmem.nn._wrapper import ModuleWrapper
 from convmem._units import format_bytes
 from convmem.nn._wrapper import ModuleWrapper, wrapper_state
 from convmem.plan import Plan, apply_
@@ -300,11 +298,11 @@ def test_a_compile_mode_that_does_not_exist_is_rejected(compiled, error):
 def test_a_plan_for_cuda_graphs_counts_their_pool(monkeypatch):
     # NOTE [Plans for CUDA graphs]: the judged peak adds what the graphs' pool reserves, and each
     # judged plan measures its own pool (the trees are reset around it).
-    from convmem.nn import _window_graphs
+    from convmem.profile import measure
 
     pools = []
-    real = _window_graphs.graph_pool_bytes
-    monkeypatch.setattr(_window_graphs, "graph_pool_bytes", lambda *a: (pools.append(real(*a)), pools[-1])[1])
+    real = measure.graph_pool_bytes
+    monkeypatch.setattr(measure, "graph_pool_bytes", lambda *a: (pools.append(real(*a)), pools[-1])[1])
     entry = zoo.get("resnet1d", "small", device="cuda")
     plan = optimize_(entry.model, *entry.inputs, budget=0.9, loss_fn=entry.loss_fn, allow=EXACT,
                      compiled="reduce-overhead")

@@ -29,7 +29,7 @@
 #   activations; it stays reserved between steps (the price of replaying without allocating) until
 #   ``Tiled.release_graphs()``. PyTorch's allocation counters do not see a replay's use of that
 #   pool, so a measured peak must add the pool's reserved bytes (`WindowGraphs.pool_bytes`,
-#   `graph_pool_bytes` below; the benchmark harness does).
+#   `graph_pool_bytes` in convmem/profile/measure.py; the benchmark harness does).
 # - The parameters enter a backward capture as detached aliases (same memory, fresh autograd leaves,
 #   through torch.func.functional_call): the parameters' own gradient-accumulator nodes, held by
 #   the step's autograd graph, were made on the default stream in forward, and the engine would
@@ -52,6 +52,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ..profile.measure import graph_pool_bytes
 
 __all__ = ["WindowGraphs"]
 
@@ -166,18 +168,3 @@ class WindowGraphs:
         if self._pool is None or not torch.cuda.is_available():
             return 0
         return graph_pool_bytes(pools=[self._pool])
-
-
-def graph_pool_bytes(pools: Optional[Sequence[Any]] = None) -> int:
-    """Bytes reserved by CUDA-graph private memory pools (`pools`, default all of them).
-
-    A replay allocates nothing, so ``max_memory_allocated`` does not see the pool's use during one;
-    a peak that is to count everything a graphed step holds adds this.
-    """
-    wanted = None if pools is None else {tuple(p) for p in pools}
-    total = 0
-    for segment in torch.cuda.memory_snapshot():
-        pool = tuple(segment.get("segment_pool_id", (0, 0)))
-        if pool != (0, 0) and (wanted is None or pool in wanted):
-            total += segment["total_size"]
-    return total

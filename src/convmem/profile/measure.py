@@ -88,6 +88,21 @@ def reset_cuda_peak(device: torch.device) -> None:
     torch.cuda.reset_peak_memory_stats(device)
 
 
+def graph_pool_bytes(pools: Optional[Sequence[Any]] = None) -> int:
+    """Bytes reserved by CUDA-graph private memory pools (`pools`, default all of them).
+
+    A replay allocates nothing, so ``max_memory_allocated`` does not see the pool's use during one;
+    a peak that is to count everything a graphed step holds adds this.
+    """
+    wanted = None if pools is None else {tuple(p) for p in pools}
+    total = 0
+    for segment in torch.cuda.memory_snapshot():
+        pool = tuple(segment.get("segment_pool_id", (0, 0)))
+        if pool != (0, 0) and (wanted is None or pool in wanted):
+            total += segment["total_size"]
+    return total
+
+
 def measure_step(
     model: nn.Module,
     inputs: Sequence[Any],

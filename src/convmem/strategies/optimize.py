@@ -515,8 +515,7 @@ def _measure_compiled(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, s
                       mode: Optional[str] = None) -> None:
     """NOTE [Plans for compiled models]: the peak and step time of ``torch.compile(model, mode=mode)``;
     with CUDA graphs their pool counts too (NOTE [Plans for CUDA graphs])."""
-    from ..nn._window_graphs import graph_pool_bytes
-    from ..profile.measure import reset_cuda_peak
+    from ..profile.measure import graph_pool_bytes, reset_cuda_peak
     from ..plan.timing import step_seconds
 
     say("compiling the optimized model" + (f" (mode={mode})" if mode else "") + " and measuring its step")
