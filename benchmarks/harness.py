@@ -52,6 +52,14 @@ def commit() -> str:
         return os.environ.get("CONVMEM_COMMIT", "unknown")
 
 
+def free_between_rows() -> None:
+    """What one row compiled, captured and allocated, given back before the next row is measured."""
+    torch._dynamo.reset()  # first: it drops CUDA graph trees, whose pools empty_cache can then give back
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def cuda_times(fn: Callable[[], Any], repeats: int) -> List[float]:
     """Milliseconds of each of `repeats` calls of `fn`, timed by CUDA events around each."""
     times = []
@@ -161,10 +169,7 @@ def run(
             finally:
                 signal.alarm(0)
                 del entry, prepared
-                torch._dynamo.reset()  # first: it drops CUDA graph trees, whose pools empty_cache can then give back
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                free_between_rows()
             rows.append(row)
             _append(out_csv, row)
             print(_line(row), flush=True)

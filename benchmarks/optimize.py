@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import os
 import signal
 import sys
@@ -78,10 +77,7 @@ def _emit(out_csv, row):
 
 
 def _cleanup():
-    torch._dynamo.reset()  # first: it drops CUDA graph trees, whose pools empty_cache can then give back
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    harness.free_between_rows()
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = 1.0  # the compile anchors set it process-wide
@@ -164,7 +160,7 @@ def bench_model(name, args, base, out_csv, deadline):
             planned_s = time.time() - began
             forward = torch.compile(entry.model, mode=mode) if compiled else entry.model
             prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, autocast_dtype=autocast, forward=forward,
-                                warmup_steps=3 if mode else 1)
+                                warmup_steps=strategies.compile_warmup(mode))
             _measure(entry, prepared, row, args, device)
             row["status"] = "ok" if row["peak_bytes"] <= budget else "over"
             row["estimate_bytes"] = plan.estimated_peak_bytes

@@ -131,7 +131,7 @@ def configuration_rows():
     of the dominance table (fp32, or fp32+compile when the note names torch.compile)."""
     rows = []
     for r in read("strategies") + read("graphed"):
-        if r["strategy"].startswith("convmem_checkpoint_") or r["strategy"].startswith(("convmem_selective", "convmem_full")):
+        if r["strategy"].startswith(("convmem_checkpoint_", "convmem_selective", "convmem_full")):
             rows.append(dict(r, regime="fp32+compile" if "torch.compile" in (r.get("note") or "") else "fp32"))
     return rows
 

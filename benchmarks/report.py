@@ -11,7 +11,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from plot import ANCHOR_BENCHES, ANCHOR_NAMES, configuration_rows, plan_rows, read, rows_of_every_run, session_anchors  # noqa: E402
+from plot import ANCHOR_NAMES, configuration_rows, plan_rows, read, rows_of_every_run, session_anchors  # noqa: E402
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "BENCHMARKS.md")
 
@@ -154,7 +154,7 @@ def dominance_table(with_configurations: bool = False) -> str:
     """Must-show 2: for each anchor, the least memory of a convmem plan at no more step time.
     `with_configurations`: `checkpoint_`'s one-call configurations count too (plot.configuration_rows).
     Each anchor is at its best over every bench that measured it on the card (all H200)."""
-    anchors = session_anchors(ANCHOR_BENCHES)
+    anchors = session_anchors()
     plans = plan_rows() + (configuration_rows() if with_configurations else [])
     lines = ["| model | anchor | anchor GiB | anchor ms | best convmem plan at <= that time | regime | GiB | ms | dominated |",
              "|---|---|---:|---:|---|---|---:|---:|---|"]

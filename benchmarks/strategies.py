@@ -16,6 +16,12 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 from convmem.nn._wrapper import ModuleWrapper, replace_submodule
 
 
+def compile_warmup(mode: Optional[str]) -> int:
+    """Steps before the measured one under torch.compile in `mode`: CUDA graph trees
+    ("reduce-overhead") warm up in the first call, record in the second, replay from the third."""
+    return 3 if mode == "reduce-overhead" else 1
+
+
 class Prepared:
     """One training step of a (transformed) zoo model: zero_grad, forward, loss, backward."""
 
@@ -87,7 +93,7 @@ def compiled(budget: Optional[float] = None, mode: Optional[str] = None) -> Call
         forward = torch.compile(entry.model, mode=mode)
         note = "; ".join(([] if budget is None else [f"activation_memory_budget={budget}"]) + ([f"mode={mode}"] if mode else []))
         return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note,
-                        warmup_steps=3 if mode == "reduce-overhead" else 1)
+                        warmup_steps=compile_warmup(mode))
 
     return prepare
 
@@ -121,7 +127,7 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
         forward = torch.compile(entry.model, mode=compile_mode) if compile_model else None
         note = ("torch.compile" + (f"(mode={compile_mode})" if compile_mode else "")) if compile_model else ""
         return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note,
-                        warmup_steps=3 if compile_mode == "reduce-overhead" else 1)
+                        warmup_steps=compile_warmup(compile_mode))
 
     return prepare
 

@@ -83,9 +83,7 @@ def graphs(entry_of, repeats: int) -> None:
         entry = entry_of()
         print(f"{name}: {_probe(prepare(entry), repeats)}", flush=True)
         del entry
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()
+        harness.free_between_rows()
 
 
 def _probe(prepared: strategies.Prepared, repeats: int) -> str:
