@@ -33,6 +33,15 @@ BENCHES = {
         "convmem_full_reduce_overhead": strategies.convmem_checkpoint("full", compile_model=True,
                                                                       compile_mode="reduce-overhead"),
     }, ()),
+    # selective under torch.compile with block outputs saved (the default) and left to the
+    # partitioner (NOTE [Block outputs under torch.compile] in nn/checkpointed.py)
+    "compiled_outputs": ({
+        "eager_fp32": strategies.eager,
+        "compile_default": strategies.COMPILE_ANCHORS["compile_default"],
+        "convmem_selective_compiled": strategies.convmem_checkpoint("selective", compile_model=True),
+        "convmem_selective_compiled_outputs_recomputed": strategies.convmem_checkpoint(
+            "selective", compile_model=True, save_outputs_compiled=False),
+    }, ()),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({
         "eager_fp32": strategies.eager,

@@ -115,7 +115,7 @@ COMPILE_ANCHORS: Dict[str, Callable] = {
 # ------------------------------------------------------------------------------ convmem
 
 def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool = True,
-                       compile_mode: Optional[str] = None) -> Callable:
+                       compile_mode: Optional[str] = None, save_outputs_compiled: bool = True) -> Callable:
     def prepare(entry) -> Prepared:
         import convmem
         from convmem.nn.checkpointed import Checkpointed
@@ -124,6 +124,8 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
         for m in entry.model.modules():
             if isinstance(m, Checkpointed):
                 m._by_module = by_module  # False: PyTorch's dispatch-mode selective checkpointing
+                # False: the partitioner may recompute block outputs (NOTE [Block outputs under torch.compile])
+                m._save_outputs_compiled = save_outputs_compiled
         forward = torch.compile(entry.model, mode=compile_mode) if compile_model else None
         note = ("torch.compile" + (f"(mode={compile_mode})" if compile_mode else "")) if compile_model else ""
         return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note,

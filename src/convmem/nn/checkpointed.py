@@ -92,6 +92,24 @@ recompute (the RNG state is replayed), and autocast is re-entered as it was.
 # checkpointing; "selective" marks convolutions and matmuls PREFER_SAVE and everything else
 # PREFER_RECOMPUTE, and the compiler's min-cut partitioner saves only the conv outputs backward
 # needs -- the decision the probe makes in eager mode.
+#
+# NOTE [Block outputs under torch.compile]
+# In eager mode a checkpointed block's outputs are never recomputed: they leave the block, and
+# whatever consumes them (the next block's convolution, which keeps its input) keeps them as the
+# untouched model does. The compiler's partitioner sees one graph instead, and treats every op
+# tagged PREFER_RECOMPUTE as must-recompute, the op that makes the block's output included; it
+# saves a block's output only where the next op is in another checkpointed region and itself
+# recomputed (torch/_functorch/partitioners.py, cleanup_recompute_tags). Behind a selective block
+# the next op is a convolution, tagged PREFER_SAVE, so the output is recomputed in backward, from
+# the block's kept convolution output and everything between: the backward of wav2vec 2.0's first
+# layer (conv -> GroupNorm -> GELU, 8 x 512 x 64,000 floats) then held the recomputed GroupNorm
+# output, the recomputed GELU output and the kept convolution output at once, one such 1000 MiB
+# buffer above what eager mode keeps (5.92 GiB against 4.93; an H200). So under compile each
+# tensor a selective block returns passes through a marked ``clone`` that the policy tags
+# MUST_SAVE: the partitioner saves it when backward needs it, as eager mode keeps it, and it is
+# free otherwise (a MUST_SAVE tensor nothing in backward reads is not saved). Inductor writes the
+# clone in the kernel that computes the output whenever that kernel is its own (pointwise ops);
+# behind an extern kernel (a block that ends in a convolution) it is one copy.
 """
 from __future__ import annotations
 
@@ -103,6 +121,7 @@ from typing import Any, ContextManager, Dict, List, NamedTuple, Optional, Sequen
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -180,6 +199,8 @@ class Checkpointed(ModuleWrapper):
 
     # NOTE [Selective recompute by module]: False forces the dispatch-mode version (benchmarks compare them).
     _by_module = True
+    # NOTE [Block outputs under torch.compile]: False leaves them to the partitioner (benchmarks compare).
+    _save_outputs_compiled = True
 
     def __init__(self, wrapped: nn.Module, policy: str = "full", segments: Optional[Sequence[int]] = None,
                  recompute: Optional[Sequence[bool]] = None):
@@ -231,7 +252,8 @@ class Checkpointed(ModuleWrapper):
             # it can see being built, so "full" passes none at all.
             if self.policy == "selective":
                 context_fn = functools.partial(create_selective_checkpoint_contexts, _compiled_policy)
-                return checkpoint(module, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+                run = _OutputsSaved(module) if self._save_outputs_compiled else module
+                return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
             return checkpoint(module, *args, use_reentrant=False, **kwargs)
         kept = self._kept_ops(module, index, args, kwargs) if self.policy == "selective" else None
         modules = list(module.modules())
@@ -447,7 +469,24 @@ class _KeepPolicy:
 
 def _compiled_policy(ctx, op, *args, **kwargs):
     # NOTE [Checkpointing under torch.compile]: PREFER_SAVE leaves the choice to the partitioner.
+    if op is _aten.clone.default and kwargs.get("memory_format") is _OUTPUT_MARK:
+        return CheckpointPolicy.MUST_SAVE  # a block's output: NOTE [Block outputs under torch.compile]
     return CheckpointPolicy.PREFER_SAVE if op in _EXPENSIVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Blocks' own clones pass no memory format (preserve_format); the mark asks for the contiguous one.
+_OUTPUT_MARK = torch.contiguous_format
+
+
+class _OutputsSaved:
+    """Runs `module` and marks its tensor outputs as saved: NOTE [Block outputs under torch.compile]."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*args, **kwargs)
+        return tree_map_only(torch.Tensor, lambda t: t.clone(memory_format=_OUTPUT_MARK), out)
 
 
 class _Lineage(TorchDispatchMode):
