@@ -190,6 +190,10 @@ SECTIONS = {
     "lossy": lambda: strategy_table("lossy"),
     "tile_curve": lambda: strategy_table("tile_curve"),
     "graphed": lambda: strategy_table("graphed"),
+    # eager and both compiled variants of the newest run only (the older run's compile_default
+    # row came from another machine)
+    "compiled_outputs": lambda: strategy_table("compiled_outputs", only={
+        "convmem_selective_compiled", "convmem_selective_compiled_outputs_recomputed"}),
     "host_time": lambda: strategy_table("host_time"),
     "tiling": tiling_table,
 }

@@ -598,6 +598,37 @@ class CompileNet(nn.Module):
         return self.blocks(self.stem(x))
 
 
+class StridedLayer(nn.Module):
+    """wav2vec 2.0's feature-encoder layer: strided conv (no bias) -> [GroupNorm] -> GELU."""
+
+    def __init__(self, in_channels, kernel_size, stride, norm):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, 8, kernel_size, stride=stride, bias=False)
+        self.norm = nn.GroupNorm(8, 8) if norm else nn.Identity()
+        self.activation = nn.GELU()
+
+    def forward(self, x):
+        return self.activation(self.norm(self.conv(x)))
+
+
+@pytest.mark.skipif(not _has_c_compiler(), reason="torch.compile's inductor backend needs a C compiler")
+@needs_selective
+def test_compiled_selective_keeps_the_block_outputs_the_next_convolution_needs():
+    # NOTE [Block outputs under torch.compile]: eager mode keeps a block's output for the next
+    # block's convolution; compiled, the partitioner recomputed it unless it is marked (on torch
+    # 2.13 the first layer's output is then saved once, as the conv output only).
+    torch._dynamo.reset()
+    model = nn.Sequential(StridedLayer(1, 10, 5, True), StridedLayer(8, 3, 2, False), StridedLayer(8, 3, 2, False))
+    compiled = torch.compile(checkpoint_(copy.deepcopy(model), policy="selective"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's notes on context_fn
+        out = compiled(torch.randn(2, 1, 400, generator=torch.Generator().manual_seed(0)))
+    saved = [tuple(t.shape) for t in out.grad_fn.saved_tensors]  # the compiled graph's, one autograd node
+    # Each layer's convolution output (GroupNorm's and GELU's input) and its output (the next
+    # convolution's input): two tensors of each of the first two layers' output shapes.
+    assert saved.count((2, 8, 79)) == 2 and saved.count((2, 8, 39)) == 2, saved
+
+
 @pytest.mark.skipif(not _has_c_compiler(), reason="torch.compile's inductor backend needs a C compiler")
 @pytest.mark.parametrize("policy", POLICIES)
 def test_compiled_checkpointed_model_is_exact(policy):

@@ -101,15 +101,21 @@ recompute (the RNG state is replayed), and autocast is re-entered as it was.
 # saves a block's output only where the next op is in another checkpointed region and itself
 # recomputed (torch/_functorch/partitioners.py, cleanup_recompute_tags). Behind a selective block
 # the next op is a convolution, tagged PREFER_SAVE, so the output is recomputed in backward, from
-# the block's kept convolution output and everything between: the backward of wav2vec 2.0's first
-# layer (conv -> GroupNorm -> GELU, 8 x 512 x 64,000 floats) then held the recomputed GroupNorm
-# output, the recomputed GELU output and the kept convolution output at once, one such 1000 MiB
-# buffer above what eager mode keeps (5.92 GiB against 4.93; an H200). So under compile each
-# tensor a selective block returns passes through a marked ``clone`` that the policy tags
-# MUST_SAVE: the partitioner saves it when backward needs it, as eager mode keeps it, and it is
-# free otherwise (a MUST_SAVE tensor nothing in backward reads is not saved). Inductor writes the
-# clone in the kernel that computes the output whenever that kernel is its own (pointwise ops);
-# behind an extern kernel (a block that ends in a convolution) it is one copy.
+# the block's kept convolution output and everything between. On wav2vec 2.0's feature encoder
+# (first layer conv -> GroupNorm -> GELU over 8 x 512 x 64,000 floats) that backward held one more
+# such 1000 MiB buffer than compile alone: 5.924 GiB, above eager's 5.909. So under compile each
+# floating-point tensor a selective block returns passes through a mark, -(-t), whose negations
+# the policy tags MUST_SAVE: the partitioner saves the output when backward needs it, as eager mode
+# keeps it, and nothing otherwise (a MUST_SAVE tensor that backward does not read is not saved).
+# The mark is exact to the bit, and Inductor computes it in the kernel that computes the output
+# (pointwise ops); behind an extern kernel (a block ending in a convolution) it is one pass over
+# the output. A ``clone`` would not do: Inductor's joint-graph passes remove it as a no-op before
+# partitioning, tag and all (measured: no change). An H200, commit 6060c0a, against the same
+# models with the outputs left to the partitioner, same run: w2v2_fe 4.948 GiB at 22.2 ms (from
+# 5.924 at 23.9; eager 5.909 at 22.8), basenji 1.619 GiB (1.662), hifigan 1.058 GiB at 26.4 ms
+# (1.075 at 32.4), resnet1d 0.840 GiB at 10.6 ms (0.783 at 11.9: its block outputs are kept now,
+# as in eager mode), the other four within 0.01 GiB (docs/BENCHMARKS.md, "Block outputs under
+# torch.compile").
 """
 from __future__ import annotations
 
