@@ -18,7 +18,7 @@ from _compare import _grads_by_state_key, assert_same_step, step_results, twin  
 from convmem import zoo  # noqa: E402
 from convmem._metrics import relative_error  # noqa: E402
 from convmem.kernels.depthwise import triton_available  # noqa: E402
-from convmem.nn import FusedActivation, FusedDepthwiseConv1d  # noqa: E402
+from convmem.nn import FusedActivation, FusedDepthwiseConv1d, FusedNormActConv  # noqa: E402
 from convmem.profile import estimate_step  # noqa: E402
 from convmem.strategies import fuse as fuse_module  # noqa: E402
 from convmem.strategies.fuse import FuseConfig, fuse_  # noqa: E402
@@ -45,7 +45,10 @@ def test_zoo_models_are_exact(name):
         fuse_(entry.model)
     fused = _fused(entry.model)
     depthwise = [n for n, m in reference.named_modules() if isinstance(m, nn.Conv1d) and m.groups == m.in_channels > 1]
-    assert sorted(n.removesuffix(".wrapped") for n in fused) == sorted(depthwise) and depthwise
+    assert sorted(n.replace(".wrapped", "") for n in fused) == sorted(depthwise) and depthwise
+    # conformer's BatchNorm -> SiLU -> pointwise conv: every layer's chain fused
+    chained = [n for n, m in entry.model.named_modules() if isinstance(m, FusedNormActConv)]
+    assert chained == (["layers.0", "layers.1"] if name == "conformer_conv" else [])
     assert set(fused.values()) == {None}  # BatchNorm (conformer) and PReLU (convtasnet) follow: not fused
     assert list(entry.model.state_dict()) == list(reference.state_dict())
     _assert_same_training_step(reference, entry.model, entry.inputs, entry.loss_fn)

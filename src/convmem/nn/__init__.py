@@ -5,9 +5,10 @@ from .checkpointed import Checkpointed
 from .depthwise_separable import DepthwiseSeparableConv1d
 from .downsample import DownsampleConv1d
 from .fused_depthwise import FusedActivation, FusedDepthwiseConv1d
+from .fused_norm_conv import FusedNormActConv
 from .offloaded import OffloadGroup, Offloaded
 from .saved_precision import LowPrecisionSaved
 from .tiled import Tiled
 
-__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "LowPrecisionSaved", "BatchChunked", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d",
+__all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "LowPrecisionSaved", "BatchChunked", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d", "FusedNormActConv",
            "FusedActivation", "restore_", "unwrap"]

@@ -1,11 +1,14 @@
-"""Fused depthwise convolutions (exact): ``convmem.fuse_(model)``.
+"""Fused convolutions (exact): ``convmem.fuse_(model)``.
 
 Swaps every depthwise ``nn.Conv1d`` the fused Triton kernel can run for a
 `convmem.nn.FusedDepthwiseConv1d` wrapping it, and folds a ReLU, GELU or SiLU that follows the
 conv in an ``nn.Sequential`` into the kernel. A training step then keeps only each conv's input
-and weights (NOTE [What the fused depthwise conv keeps]); outputs and gradients are those of the
-untouched model up to floating-point reassociation, and ``state_dict()`` keys are unchanged.
-``convmem.restore_(model)`` undoes it.
+and weights (NOTE [What the fused depthwise conv keeps]). And it runs every block whose forward
+calls BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d in a `convmem.nn.FusedNormActConv`, which
+keeps only the BatchNorm's input of each such chain and rebuilds the rest in backward (NOTE
+[Norm-activation-conv chains]; plain PyTorch, no Triton needed). Outputs and gradients are those
+of the untouched model up to floating-point reassociation, and ``state_dict()`` keys are
+unchanged. ``convmem.restore_(model)`` undoes it.
 
 # NOTE [Which convs are fused]
 # `filter_fn(module, fqn)` is asked about every nn.Conv1d (default: all). Of those chosen:
@@ -25,18 +28,30 @@ untouched model up to floating-point reassociation, and ``state_dict()`` keys ar
 # registered once in the model (a shared module may be called elsewhere), and the next module is
 # exactly nn.ReLU, nn.SiLU or nn.GELU(approximate='none') without hooks. Activations called from a
 # custom forward (conformer's BatchNorm then SiLU, Conv-TasNet's PReLU) are left as they are.
+#
+# NOTE [Which blocks get fused chains]
+# Every module but the root whose direct children include an nn.BatchNorm1d and an nn.Conv1d (a
+# residual block, an nn.Sequential) has its forward traced with torch.fx, its children as leaves;
+# the chains found (NOTE [Norm-activation-conv chains] in nn/fused_norm_conv.py) whose conv
+# `filter_fn` accepts make it a `FusedNormActConv`. A forward fx cannot trace, or without a chain,
+# is left as it is without a word: most modules have none. Modules inside another convmem wrapper
+# are not traced (the wrapper runs its own way), nor modules registered under two names. When
+# blocks nest, the outermost with a chain is wrapped. The root itself cannot be replaced in place:
+# ``model = convmem.nn.FusedNormActConv(model)`` wraps it.
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from ..kernels.depthwise import kernels_usable, triton_available
+from ..nn._wrapper import ModuleWrapper
 from ..nn.fused_depthwise import FusedActivation, FusedDepthwiseConv1d, activation_name, fusable_reason
+from ..nn.fused_norm_conv import FusedNormActConv, trace_fused
 from ._common import (
     ConfigDict,
     FilterFn,
@@ -56,14 +71,18 @@ _STRATEGY = "fuse_"
 @dataclasses.dataclass(frozen=True)
 class FuseConfig(ConfigDict):
     """``activations``: fold a following ReLU/GELU/SiLU into the kernel (NOTE [Which activations are
-    fused]); ``max_depth_multiplier``: the most filters per input channel a fused conv may have."""
+    fused]); ``max_depth_multiplier``: the most filters per input channel a fused conv may have;
+    ``norm_act_conv``: fuse BatchNorm -> activation -> Conv1d chains (NOTE [Which blocks get fused
+    chains])."""
 
     activations: bool = True
     max_depth_multiplier: int = 1
+    norm_act_conv: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.activations, bool):
-            raise TypeError(f"{_STRATEGY}: activations must be a bool, got {self.activations!r}")
+        for name in ("activations", "norm_act_conv"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{_STRATEGY}: {name} must be a bool, got {getattr(self, name)!r}")
         m = self.max_depth_multiplier
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"{_STRATEGY}: max_depth_multiplier must be a positive integer, got {m!r}")
@@ -99,8 +118,10 @@ def fuse_(
     filter_fn: Optional[FilterFn] = None,
     activations: bool = True,
     max_depth_multiplier: int = 1,
+    norm_act_conv: bool = True,
 ) -> nn.Module:
-    """Run the depthwise convs of `model` (and a following activation) by fused kernels, in place; returns `model`.
+    """Run the depthwise convs of `model` (and a following activation) by fused kernels, and its
+    BatchNorm -> activation -> Conv1d chains fused, in place; returns `model`.
 
     Args:
         model: any ``nn.Module``; its depthwise ``nn.Conv1d`` take ``x: (batch, channels, length)``.
@@ -109,11 +130,15 @@ def fuse_(
         activations: also fold a ReLU, GELU (exact) or SiLU that follows a fused conv in an
             ``nn.Sequential`` into its kernel (NOTE [Which activations are fused]).
         max_depth_multiplier: fuse convs with up to this many filters per input channel.
+        norm_act_conv: also run BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d chains of the
+            blocks' forwards fused, keeping only each chain's BatchNorm input (NOTE [Which blocks
+            get fused chains]); `filter_fn` is asked about the chain's Conv1d.
 
     Exact: outputs, gradients and buffers agree with the untouched model up to rounding, and
     ``state_dict()`` keys and values are unchanged. ``convmem.restore_(model)`` undoes it.
-    Without Triton or a GPU the fused modules run the PyTorch reference (same numbers, nothing
-    saved), and this warns. Depthwise convs that cannot be fused are left untouched with a warning.
+    Without Triton or a GPU the fused depthwise modules run the PyTorch reference (same numbers,
+    nothing saved), and this warns. Depthwise convs that cannot be fused are left untouched with a
+    warning. Fused chains need neither Triton nor a GPU.
 
     Example::
 
@@ -123,7 +148,8 @@ def fuse_(
     """
     check_model(model, _STRATEGY)
     check_filter_fn(filter_fn, _STRATEGY)
-    config = FuseConfig(activations=activations, max_depth_multiplier=max_depth_multiplier)
+    config = FuseConfig(activations=activations, max_depth_multiplier=max_depth_multiplier,
+                        norm_act_conv=norm_act_conv)
 
     chosen: Dict[str, nn.Conv1d] = {}
     skipped: Dict[str, str] = {}
@@ -144,22 +170,52 @@ def fuse_(
         elif filter_fn is not None or _is_depthwise_layer(module):
             skipped[name] = reason
     warn_skipped(_STRATEGY, skipped)
-    if not chosen:
+    if chosen:
+        _warn_if_reference_only(model)
+        aliases = module_aliases(model)
+        replacements: Dict[str, nn.Module] = {}
+        for name, conv in chosen.items():
+            act_name = _following_activation(model, name, aliases) if config.activations else None
+            act = model.get_submodule(act_name) if act_name else None
+            replacements[name] = FusedDepthwiseConv1d.from_conv1d(conv, activation_name(act) if act is not None else None)
+            if act is not None:
+                replacements[act_name] = FusedActivation(act)
+        swap_modules(model, replacements)
+    blocks = _fuse_chains(model, filter_fn) if config.norm_act_conv else 0
+    if not chosen and not blocks:
         detail = f" ({len(skipped)} depthwise Conv1d could not be fused)" if skipped else ""
         warn_nothing_selected(model, _STRATEGY, filter_fn is not None, detail)
-        return model
-    _warn_if_reference_only(model)
-
-    aliases = module_aliases(model)
-    replacements: Dict[str, nn.Module] = {}
-    for name, conv in chosen.items():
-        act_name = _following_activation(model, name, aliases) if config.activations else None
-        act = model.get_submodule(act_name) if act_name else None
-        replacements[name] = FusedDepthwiseConv1d.from_conv1d(conv, activation_name(act) if act is not None else None)
-        if act is not None:
-            replacements[act_name] = FusedActivation(act)
-    swap_modules(model, replacements)
     return model
+
+
+def _chain_candidate(module: nn.Module) -> bool:
+    children = list(module.children())
+    return (not isinstance(module, ModuleWrapper)
+            and any(type(c) is nn.BatchNorm1d for c in children) and any(type(c) is nn.Conv1d for c in children))
+
+
+def _conv_filter(filter_fn: Optional[FilterFn], block: nn.Module, prefix: str) -> Optional[Callable[[str], bool]]:
+    """`filter_fn` asked about a conv of `block` by its name in `block` (`block` is `prefix` in the model)."""
+    if filter_fn is None:
+        return None
+    return lambda conv_name: bool(filter_fn(block.get_submodule(conv_name), f"{prefix}.{conv_name}"))
+
+
+def _fuse_chains(model: nn.Module, filter_fn: Optional[FilterFn]) -> int:
+    """Wrap every block with fusable chains (NOTE [Which blocks get fused chains]); how many were."""
+    aliases = module_aliases(model)
+    inside_wrappers = [n for n, m in model.named_modules() if n and isinstance(m, ModuleWrapper)]
+    found: Dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or not _chain_candidate(module) or len(aliases[id(module)]) != 1:
+            continue
+        if any(name.startswith(w + ".") for w in inside_wrappers):
+            continue
+        if trace_fused(module, _conv_filter(filter_fn, module, name)) is not None:
+            found[name] = FusedNormActConv(module, _conv_filter(filter_fn, module, name))
+    outermost = {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+    swap_modules(model, outermost)
+    return len(outermost)
 
 
 def _warn_if_reference_only(model: nn.Module) -> None:
