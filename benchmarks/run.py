@@ -42,6 +42,13 @@ BENCHES = {
         "convmem_selective_compiled_outputs_recomputed": strategies.convmem_checkpoint(
             "selective", compile_model=True, save_outputs_compiled=False),
     }, ()),
+    # fuse_'s BatchNorm -> activation -> Conv1d chains in eager mode, against selective checkpointing
+    # (NOTE [Norm-activation-conv chains] in nn/fused_norm_conv.py)
+    "fused_chains": ({
+        "eager_fp32": strategies.eager,
+        "convmem_checkpoint_selective": strategies.convmem_checkpoint("selective"),
+        "convmem_fused_chains": strategies.convmem_fused_chains,
+    }, ()),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({
         "eager_fp32": strategies.eager,

@@ -186,6 +186,18 @@ def convmem_tiled_model(tile_length: int, selective: bool = False, compiled: boo
     return prepare
 
 
+def convmem_fused_chains(entry) -> Optional[Prepared]:
+    """fuse_'s BatchNorm -> activation -> Conv1d chains alone (dense convs only: no depthwise kernel)."""
+    import convmem
+    from convmem.nn import FusedNormActConv
+
+    convmem.fuse_(entry.model, filter_fn=lambda conv, fqn: conv.groups == 1)
+    chains = sum(m.chains for m in entry.model.modules() if isinstance(m, FusedNormActConv))
+    if not chains:
+        return None
+    return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{chains} chains fused")
+
+
 CONVMEM: Dict[str, Callable] = {
     "convmem_checkpoint_full": convmem_checkpoint("full"),
     "convmem_checkpoint_selective": convmem_checkpoint("selective"),

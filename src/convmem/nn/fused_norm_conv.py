@@ -241,19 +241,18 @@ def find_chains(block: nn.Module, graph: fx.Graph, wanted: Optional[Callable[[st
         conv_node = next(iter(act_node.users))
         if conv_node.op != "call_module" or calls[conv_node.target] != 1 or conv_node.args != (act_node,) or conv_node.kwargs:
             continue
-        if wanted is not None and not wanted(conv_node.target):
-            continue
         activation = _activation_of(act_node, block)
         bn, conv = block.get_submodule(bn_node.target), block.get_submodule(conv_node.target)
-        if chain_reason(bn, activation, conv) is None:
+        if chain_reason(bn, activation, conv) is None and (wanted is None or wanted(conv_node.target)):
             chains.append((bn_node, act_node, conv_node, activation))
     return chains
 
 
 def trace_fused(block: nn.Module, wanted: Optional[Callable[[str], bool]] = None,
-                ) -> Optional[Tuple[Callable[..., Any], int]]:
-    """`block`'s forward with its chains fused, as a function of (block, *args), and how many chains;
-    None when the forward cannot be traced or has no chain (`wanted`: see `find_chains`)."""
+                ) -> Optional[Tuple[Callable[..., Any], Tuple[str, ...]]]:
+    """`block`'s forward with its chains fused, as a function of (block, *args), and the names of
+    the chains' convs in `block`; None when the forward cannot be traced or has no chain (`wanted`:
+    see `find_chains`)."""
     was_training = block.training
     block.train()
     try:
@@ -265,6 +264,7 @@ def trace_fused(block: nn.Module, wanted: Optional[Callable[[str], bool]] = None
     chains = find_chains(block, graph, wanted)
     if not chains:
         return None
+    convs = tuple(conv_node.target for _, _, conv_node, _ in chains)
     for bn_node, act_node, conv_node, activation in chains:
         with graph.inserting_before(conv_node):
             bn = graph.get_attr(bn_node.target)
@@ -276,7 +276,7 @@ def trace_fused(block: nn.Module, wanted: Optional[Callable[[str], bool]] = None
             graph.erase_node(node)
     graph.lint()
     module = fx.GraphModule(block, graph)
-    return type(module).forward, len(chains)
+    return type(module).forward, convs
 
 
 def _fused_call(bn: nn.Module, activation: Tuple[str, Any], conv: nn.Module, x: torch.Tensor,
@@ -298,7 +298,8 @@ class FusedNormActConv(ModuleWrapper):
             raise ValueError(f"FusedNormActConv: no BatchNorm1d -> activation -> Conv1d chain found in "
                              f"{type(wrapped).__name__}'s forward")
         super().__init__(wrapped)
-        self.__dict__["_fused_forward"], self.chains = traced
+        self.__dict__["_fused_forward"], self.convs = traced
+        self.chains = len(self.convs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         block = self.wrapped

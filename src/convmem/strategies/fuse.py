@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set
 
 import torch
 from torch import nn
@@ -169,7 +169,6 @@ def fuse_(
             chosen[name] = module
         elif filter_fn is not None or _is_depthwise_layer(module):
             skipped[name] = reason
-    warn_skipped(_STRATEGY, skipped)
     if chosen:
         _warn_if_reference_only(model)
         aliases = module_aliases(model)
@@ -181,8 +180,10 @@ def fuse_(
             if act is not None:
                 replacements[act_name] = FusedActivation(act)
         swap_modules(model, replacements)
-    blocks = _fuse_chains(model, filter_fn) if config.norm_act_conv else 0
-    if not chosen and not blocks:
+    chained = _fuse_chains(model, filter_fn) if config.norm_act_conv else set()
+    # a conv filter_fn chose for its chain is not one the depthwise pass left out
+    warn_skipped(_STRATEGY, {n: r for n, r in skipped.items() if n not in chained})
+    if not chosen and not chained:
         detail = f" ({len(skipped)} depthwise Conv1d could not be fused)" if skipped else ""
         warn_nothing_selected(model, _STRATEGY, filter_fn is not None, detail)
     return model
@@ -201,8 +202,9 @@ def _conv_filter(filter_fn: Optional[FilterFn], block: nn.Module, prefix: str) -
     return lambda conv_name: bool(filter_fn(block.get_submodule(conv_name), f"{prefix}.{conv_name}"))
 
 
-def _fuse_chains(model: nn.Module, filter_fn: Optional[FilterFn]) -> int:
-    """Wrap every block with fusable chains (NOTE [Which blocks get fused chains]); how many were."""
+def _fuse_chains(model: nn.Module, filter_fn: Optional[FilterFn]) -> Set[str]:
+    """Wrap every block with fusable chains (NOTE [Which blocks get fused chains]); the names of the
+    convs fused, as they were before (NOTE [Wrappers keep the state_dict]: without ``wrapped.``)."""
     aliases = module_aliases(model)
     inside_wrappers = [n for n, m in model.named_modules() if n and isinstance(m, ModuleWrapper)]
     found: Dict[str, nn.Module] = {}
@@ -215,7 +217,7 @@ def _fuse_chains(model: nn.Module, filter_fn: Optional[FilterFn]) -> int:
             found[name] = FusedNormActConv(module, _conv_filter(filter_fn, module, name))
     outermost = {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
     swap_modules(model, outermost)
-    return len(outermost)
+    return {f"{name}.{conv}" for name, block in outermost.items() for conv in block.convs}
 
 
 def _warn_if_reference_only(model: nn.Module) -> None:
