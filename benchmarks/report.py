@@ -190,6 +190,7 @@ SECTIONS = {
     "lossy": lambda: strategy_table("lossy"),
     "tile_curve": lambda: strategy_table("tile_curve"),
     "graphed": lambda: strategy_table("graphed"),
+    "fused_chains": lambda: strategy_table("fused_chains"),
     # eager and both compiled variants of the newest run only (the older run's compile_default
     # row came from another machine)
     "compiled_outputs": lambda: strategy_table("compiled_outputs", only={
