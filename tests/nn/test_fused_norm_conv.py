@@ -154,6 +154,27 @@ def test_eval_mode_no_grad_and_autocast_run_the_block_as_it_is():
     assert torch.equal(expected, actual)  # the same bfloat16 ops: the chain is not fused under autocast
 
 
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_checkpointing_fused_blocks_updates_batchnorm_statistics_once(policy):
+    # The recompute runs the fused chain again; Checkpointed's bookkeeping hooks on the BatchNorm
+    # run around it (NOTE [Buffers are updated once]).
+    entry = zoo.get("resnet1d", "small", dtype=torch.float64)
+    reference = twin(entry.model)
+    fuse_(entry.model)
+    convmem.checkpoint_(entry.model, policy=policy)
+    assert any(isinstance(m, FusedNormActConv) for m in entry.model.modules())
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=3)
+
+
+def test_a_hook_added_after_fusing_runs_the_chain_unfused():
+    model = Outer(_model())
+    optimized = _fused(model)
+    seen = []
+    optimized.block.wrapped.bn.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    assert_same_step(model, optimized, [_x()])
+    assert seen == [(4, 6, 37)]
+
+
 # ------------------------------------------------------------------------------ what is kept
 
 

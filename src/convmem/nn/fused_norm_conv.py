@@ -30,6 +30,10 @@ checkpointing keeps, without torch.utils.checkpoint and without running the bloc
 # around the ops would have to be replayed), not under torch.compile (which decides what to keep
 # by itself); otherwise the three modules run as they are.
 #
+# Hooks on the BatchNorm added after fusing run the chain unfused (the module's own call runs them
+# as they expect), except Checkpointed's recompute bookkeeping (NOTE [Buffers are updated once]),
+# which runs around the fused chain: a fused block inside checkpoint_ advances its statistics once.
+#
 # The traced forward bakes in what the block's Python reads at trace time (``self.training``, a
 # None submodule, a flag): it is traced in train mode and used only while the block is in train
 # mode with gradients on; in any other state the block's own forward runs.
@@ -157,8 +161,33 @@ def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv
 
     `call_activation` is the block's own activation call, used when the chain runs unfused.
     """
-    if not _fusable_now(x, bn):
+    recompute_hooks = _checkpoint_recompute_hooks(bn)
+    if not _fusable_now(x, bn) or recompute_hooks is None:
         return conv(call_activation(bn(x)))
+    pre_hooks, post_hooks = recompute_hooks
+    for hook in pre_hooks:
+        hook(bn, (x,))
+    try:
+        return _fused(bn, activation, conv, x)
+    finally:
+        for hook in post_hooks:
+            hook(bn, (x,), None)
+
+
+def _checkpoint_recompute_hooks(bn: nn.BatchNorm1d) -> Optional[Tuple[List[Callable], List[Callable]]]:
+    """The BatchNorm's forward pre-hooks and hooks when all are Checkpointed's recompute bookkeeping
+    (NOTE [Buffers are updated once] in checkpointed.py: they keep the running statistics from
+    advancing twice, and must run around a fused chain too); None when any other hook is there,
+    which only the module's own call runs as it expects."""
+    from .checkpointed import _Recompute
+
+    pre, post = list(bn._forward_pre_hooks.values()), list(bn._forward_hooks.values())
+    if all(isinstance(getattr(h, "__self__", None), _Recompute) for h in pre + post):
+        return pre, post
+    return None
+
+
+def _fused(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     # nn.BatchNorm1d.forward's checks and bookkeeping, then its F.batch_norm call fused.
     bn._check_input_dim(x)
     factor = 0.0 if bn.momentum is None else bn.momentum
