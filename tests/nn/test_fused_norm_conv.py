@@ -16,6 +16,7 @@ from _compare import assert_same_step, seeded_randn, twin
 from convmem import zoo
 from convmem.nn import FusedNormActConv
 from convmem.nn.fused_norm_conv import chain_reason
+from convmem.profile import estimate_step
 from convmem.strategies.fuse import fuse_
 
 
@@ -166,13 +167,23 @@ def test_checkpointing_fused_blocks_updates_batchnorm_statistics_once(policy):
     assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=3)
 
 
-def test_a_hook_added_after_fusing_runs_the_chain_unfused():
+@pytest.mark.parametrize("where", ["bn", "conv"])
+def test_a_hook_added_after_fusing_runs_the_chain_unfused(where):
     model = Outer(_model())
     optimized = _fused(model)
     seen = []
-    optimized.block.wrapped.bn.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    getattr(optimized.block.wrapped, where).register_forward_hook(lambda m, args, out: seen.append(out.shape))
     assert_same_step(model, optimized, [_x()])
     assert seen == [(4, 6, 37)]
+
+
+def test_the_no_gpu_estimate_sees_the_fused_chains():
+    # convmem.profile's per-module hooks do not stop the fused path (NOTE [Norm-activation-conv chains])
+    entry = zoo.get("resnet1d", "small")
+    before = estimate_step(entry.model, entry.inputs, entry.loss_fn)
+    fuse_(entry.model)
+    after = estimate_step(entry.model, entry.inputs, entry.loss_fn)
+    assert after.kept_bytes < before.kept_bytes and after.peak_bytes < before.peak_bytes
 
 
 # ------------------------------------------------------------------------------ what is kept

@@ -103,7 +103,14 @@ class KeepConvOutputs:
 
     def __enter__(self) -> None:
         self._calls = {}
-        self._handles = [m.register_forward_hook(functools.partial(self._hook, name)) for name, m in self.convs.items()]
+        self._handles = []
+        for name, module in self.convs.items():
+            hook = functools.partial(self._hook, name)
+            # A fused chain that runs this conv inside its own Function (nn/fused_norm_conv.py) may
+            # skip the hook, in the first forward and the recompute alike: its output is then not
+            # kept but recomputed, and the replay finds nothing to answer for it.
+            hook.convmem_observer = True
+            self._handles.append(module.register_forward_hook(hook))
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

@@ -30,9 +30,11 @@ checkpointing keeps, without torch.utils.checkpoint and without running the bloc
 # around the ops would have to be replayed), not under torch.compile (which decides what to keep
 # by itself); otherwise the three modules run as they are.
 #
-# Hooks on the BatchNorm added after fusing run the chain unfused (the module's own call runs them
-# as they expect), except Checkpointed's recompute bookkeeping (NOTE [Buffers are updated once]),
-# which runs around the fused chain: a fused block inside checkpoint_ advances its statistics once.
+# Hooks on the chain's modules added after fusing run the chain unfused (the modules' own calls
+# run them as they expect), except two of convmem's: Checkpointed's recompute bookkeeping on the
+# BatchNorm (NOTE [Buffers are updated once]) runs around the fused chain, so a fused block inside
+# checkpoint_ advances its statistics once; convmem.profile's per-module hooks are left out, so
+# the profile sees the fused step, the chain inside its block's row.
 #
 # The traced forward bakes in what the block's Python reads at trace time (``self.training``, a
 # None submodule, a flag): it is traced in train mode and used only while the block is in train
@@ -161,7 +163,7 @@ def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv
 
     `call_activation` is the block's own activation call, used when the chain runs unfused.
     """
-    recompute_hooks = _checkpoint_recompute_hooks(bn)
+    recompute_hooks = _fusable_hooks(bn, conv, call_activation)
     if not _fusable_now(x, bn) or recompute_hooks is None:
         return conv(call_activation(bn(x)))
     pre_hooks, post_hooks = recompute_hooks
@@ -174,17 +176,28 @@ def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv
             hook(bn, (x,), None)
 
 
-def _checkpoint_recompute_hooks(bn: nn.BatchNorm1d) -> Optional[Tuple[List[Callable], List[Callable]]]:
-    """The BatchNorm's forward pre-hooks and hooks when all are Checkpointed's recompute bookkeeping
-    (NOTE [Buffers are updated once] in checkpointed.py: they keep the running statistics from
-    advancing twice, and must run around a fused chain too); None when any other hook is there,
-    which only the module's own call runs as it expects."""
+def _fusable_hooks(bn: nn.BatchNorm1d, conv: nn.Conv1d, activation: Callable,
+                   ) -> Optional[Tuple[List[Callable], List[Callable]]]:
+    """The BatchNorm hooks to run around the fused chain, or None when a hook on the chain's modules
+    needs the modules' own calls (NOTE [Norm-activation-conv chains]).
+
+    Hooks marked ``convmem_observer`` (convmem.profile's per-module bookkeeping, selective
+    checkpointing's conv-output keeper) are left out: the chain is then one call of its block. Checkpointed's recompute bookkeeping on the BatchNorm (NOTE
+    [Buffers are updated once]) is returned, to run around the chain. Any other hook: None.
+    """
     from .checkpointed import _Recompute
 
-    pre, post = list(bn._forward_pre_hooks.values()), list(bn._forward_hooks.values())
-    if all(isinstance(getattr(h, "__self__", None), _Recompute) for h in pre + post):
-        return pre, post
-    return None
+    modules = [bn, conv] + ([activation] if isinstance(activation, nn.Module) else [])
+    kept: Dict[str, List[Callable]] = {"pre": [], "post": []}
+    for module in modules:
+        for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks)):
+            for hook in hooks.values():
+                if getattr(hook, "convmem_observer", False):
+                    continue
+                if module is not bn or not isinstance(getattr(hook, "__self__", None), _Recompute):
+                    return None
+                kept[kind].append(hook)
+    return kept["pre"], kept["post"]
 
 
 def _fused(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:

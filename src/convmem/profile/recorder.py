@@ -201,6 +201,7 @@ class StepRecorder:
                     self._watermarks[id(call)] = _next_sequence_nr()
                 self._fwd_marks[id(call)] = self._timer.mark()
 
+        hook.convmem_observer = True  # a fused path may run without it (NOTE [Norm-activation-conv chains])
         return hook
 
     def _post_hook(self, name: str):
@@ -215,6 +216,7 @@ class StepRecorder:
                 if call.grad_enabled and self.backward_times:
                     self._claim_nodes(call, outputs)
 
+        hook.convmem_observer = True
         return hook
 
     def _claim_nodes(self, call: ModuleCall, outputs: List[torch.Tensor]) -> None:

@@ -182,7 +182,9 @@ def fuse_(
         swap_modules(model, replacements)
     chained = _fuse_chains(model, filter_fn) if config.norm_act_conv else set()
     # a conv filter_fn chose for its chain is not one the depthwise pass left out
-    warn_skipped(_STRATEGY, {n: r for n, r in skipped.items() if n not in chained})
+    chain_note = "; nor is it the conv of a BatchNorm -> activation -> Conv1d chain" if config.norm_act_conv else ""
+    warn_skipped(_STRATEGY, {n: r + (chain_note if r.startswith("not depthwise") else "")
+                             for n, r in skipped.items() if n not in chained})
     if not chosen and not chained:
         detail = f" ({len(skipped)} depthwise Conv1d could not be fused)" if skipped else ""
         warn_nothing_selected(model, _STRATEGY, filter_fn is not None, detail)
