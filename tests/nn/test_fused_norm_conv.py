@@ -186,6 +186,53 @@ def test_the_no_gpu_estimate_sees_the_fused_chains():
     assert after.kept_bytes < before.kept_bytes and after.peak_bytes < before.peak_bytes
 
 
+class ActChain(nn.Module):
+    """x + conv(act(x)) (hifigan's residual unit) or conv(act(stem(x)))."""
+
+    def __init__(self, act, residual=True):
+        super().__init__()
+        self.stem = nn.Conv1d(3, 6, 3, padding=1)
+        self.act = act
+        self.conv = nn.Conv1d(6, 6, 5, padding=2, dilation=1)
+        self.residual = residual
+
+    def forward(self, x):
+        h = self.stem(x)
+        return h + self.conv(self.act(h)) if self.residual else self.conv(self.act(h))
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.LeakyReLU(0.1)],
+                         ids=["gelu", "gelu_tanh", "silu", "leaky_relu"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_activation_conv_chains_are_exact_and_keep_the_activation_input_only(act, residual):
+    torch.manual_seed(0)
+    model = Outer(ActChain(act, residual).double())
+    optimized = _fused(model)
+    assert _chains(optimized) == 1
+    assert_same_step(model, optimized, [_x()], steps=2)
+    x = _x(length=1000)
+    assert _kept_bytes(model, x) - _kept_bytes(optimized, x) == 4 * 6 * 1000 * 8  # the activation's output
+
+
+def test_a_relu_without_batchnorm_is_left_alone():
+    # ReLU keeps its output only; keeping its input instead would save nothing
+    with pytest.warns(UserWarning, match="no Conv1d to change"):
+        fuse_(Outer(ActChain(nn.ReLU())))
+
+
+@pytest.mark.parametrize("name", ["hifigan", "basenji"])
+def test_activation_chains_in_the_zoo_are_exact(name):
+    entry = zoo.get(name, "small", dtype=torch.float64)
+    reference = twin(entry.model)
+    # hifigan: lrelu -> conv twice per dilation of every residual block; basenji: GELU -> conv in
+    # every conv_block
+    expected = (sum(2 * len(m.convs1) for m in entry.model.modules() if type(m).__name__ == "ResBlock1")
+                if name == "hifigan" else sum(type(m).__name__ == "ConvBlock" for m in entry.model.modules()))
+    fuse_(entry.model)
+    assert _chains(entry.model) == expected > 0
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
+
+
 # ------------------------------------------------------------------------------ what is kept
 
 

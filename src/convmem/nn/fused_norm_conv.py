@@ -145,16 +145,51 @@ class _NormActConv(torch.autograd.Function):
                 grad_conv_bias if ctx.has_conv_bias else None, None, None, None, None, None, None)
 
 
+class _ActConv(torch.autograd.Function):
+    """conv(act(x)) keeping x only: the activation's output is computed again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, conv_bias, activation, options):
+        stride, padding, dilation, _, _, groups, _ = options
+        out = F.conv1d(_apply_activation(x, activation), conv_weight, conv_bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, conv_weight)
+        ctx.activation, ctx.options, ctx.has_conv_bias = activation, options, conv_bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, conv_weight = ctx.saved_tensors
+        stride, padding, dilation, transposed, output_padding, groups, bias_sizes = ctx.options
+        y = _apply_activation(x, ctx.activation)  # the same op on the same input: the same bits
+        needs = ctx.needs_input_grad
+        grad_y, grad_conv_weight, grad_conv_bias = _aten.convolution_backward(
+            grad, y, conv_weight, bias_sizes if ctx.has_conv_bias else None, stride, padding, dilation,
+            transposed, output_padding, groups, [needs[0], needs[1], ctx.has_conv_bias and needs[2]])
+        grad_x = _activation_backward(grad_y, x, y, ctx.activation) if grad_y is not None else None
+        return grad_x, grad_conv_weight, grad_conv_bias if ctx.has_conv_bias else None, None, None
+
+
+def act_conv(activation: Tuple[str, Any], conv: nn.Conv1d, x: torch.Tensor,
+             call_activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``conv(call_activation(x))``, fused when that saves memory exactly (NOTE [Norm-activation-conv chains])."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or _autocast_on(x)
+            or _fusable_hooks(None, conv, call_activation) is None):
+        return conv(call_activation(x))
+    return _ActConv.apply(x, conv.weight, conv.bias, activation, _options(conv))
+
+
 def _batch_statistics(bn: nn.BatchNorm1d) -> bool:
     """Whether `bn` normalises with the batch's statistics (and so its input is all backward needs)."""
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def _fusable_now(x: torch.Tensor, bn: nn.BatchNorm1d) -> bool:
-    if not torch.is_grad_enabled() or not _batch_statistics(bn) or torch.compiler.is_compiling():
-        return False
+def _autocast_on(x: torch.Tensor) -> bool:
     autocast = autocast_state(x.device.type)
-    return autocast is None or autocast.get("enabled") is False
+    return autocast is not None and autocast.get("enabled") is not False
+
+
+def _fusable_now(x: torch.Tensor, bn: nn.BatchNorm1d) -> bool:
+    return torch.is_grad_enabled() and _batch_statistics(bn) and not torch.compiler.is_compiling() and not _autocast_on(x)
 
 
 def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv1d, x: torch.Tensor,
@@ -176,7 +211,7 @@ def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv
             hook(bn, (x,), None)
 
 
-def _fusable_hooks(bn: nn.BatchNorm1d, conv: nn.Conv1d, activation: Callable,
+def _fusable_hooks(bn: Optional[nn.BatchNorm1d], conv: nn.Conv1d, activation: Callable,
                    ) -> Optional[Tuple[List[Callable], List[Callable]]]:
     """The BatchNorm hooks to run around the fused chain, or None when a hook on the chain's modules
     needs the modules' own calls (NOTE [Norm-activation-conv chains]).
@@ -187,7 +222,7 @@ def _fusable_hooks(bn: nn.BatchNorm1d, conv: nn.Conv1d, activation: Callable,
     """
     from .checkpointed import _Recompute
 
-    modules = [bn, conv] + ([activation] if isinstance(activation, nn.Module) else [])
+    modules = [m for m in (bn, conv, activation) if isinstance(m, nn.Module)]
     kept: Dict[str, List[Callable]] = {"pre": [], "post": []}
     for module in modules:
         for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks)):
@@ -219,17 +254,20 @@ def _fused(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv1d, x: 
 # ------------------------------------------------------------------------------ finding chains
 
 
-def chain_reason(bn: nn.Module, activation: Optional[Tuple[str, Any]], conv: nn.Module) -> Optional[str]:
-    """Why ``conv(act(bn(x)))`` cannot run fused, or None when it can."""
-    if type(bn) is not nn.BatchNorm1d:
+def chain_reason(bn: Optional[nn.Module], activation: Optional[Tuple[str, Any]], conv: nn.Module) -> Optional[str]:
+    """Why ``conv(act(bn(x)))`` (``conv(act(x))`` without `bn`) cannot run fused, or None when it can."""
+    if bn is not None and type(bn) is not nn.BatchNorm1d:
         return f"{type(bn).__name__} is not a plain nn.BatchNorm1d"
     if activation is None:
         return "the activation is not ReLU, GELU, SiLU or LeakyReLU"
+    if bn is None and activation[0] == "relu":
+        # ReLU keeps only its output, the conv's input: keeping its input instead saves nothing
+        return "a ReLU without a BatchNorm before it keeps one tensor either way"
     if type(conv) is not nn.Conv1d:
         return f"{type(conv).__name__} is not a plain nn.Conv1d"
     if conv.padding_mode != "zeros" or (isinstance(conv.padding, str) and conv.padding != "valid"):
         return f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}: only zero padding given in numbers"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (bn, conv)):
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (bn, conv) if m is not None):
         return "a forward hook, which the fused chain would bypass"
     return None
 
@@ -264,27 +302,28 @@ def _activation_of(node: fx.Node, block: nn.Module) -> Optional[Tuple[str, Any]]
 
 
 def find_chains(block: nn.Module, graph: fx.Graph, wanted: Optional[Callable[[str], bool]] = None,
-                ) -> List[Tuple[fx.Node, fx.Node, fx.Node, Tuple[str, Any]]]:
-    """The (BatchNorm, activation, conv) call nodes of `graph` that `block` can run fused; with
-    `wanted`, only chains whose conv's name in `block` it accepts."""
+                ) -> List[Tuple[Optional[fx.Node], fx.Node, fx.Node, Tuple[str, Any]]]:
+    """The ([BatchNorm], activation, conv) call nodes of `graph` that `block` can run fused (the
+    BatchNorm None for an activation -> conv chain); with `wanted`, only chains whose conv's name in
+    `block` it accepts."""
     calls: Dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     chains = []
-    for bn_node in graph.nodes:
-        if bn_node.op != "call_module" or calls[bn_node.target] != 1 or len(bn_node.args) != 1 or bn_node.kwargs:
-            continue
-        if len(bn_node.users) != 1:
-            continue
-        act_node = next(iter(bn_node.users))
-        if act_node.args[:1] != (bn_node,) or len(act_node.users) != 1:
+    for act_node in graph.nodes:
+        activation = _activation_of(act_node, block) if act_node.op in ("call_module", "call_function") else None
+        if activation is None or len(act_node.users) != 1:
             continue
         conv_node = next(iter(act_node.users))
         if conv_node.op != "call_module" or calls[conv_node.target] != 1 or conv_node.args != (act_node,) or conv_node.kwargs:
             continue
-        activation = _activation_of(act_node, block)
-        bn, conv = block.get_submodule(bn_node.target), block.get_submodule(conv_node.target)
+        source = act_node.args[0]
+        bn_node = source if (isinstance(source, fx.Node) and source.op == "call_module" and calls[source.target] == 1
+                             and len(source.args) == 1 and not source.kwargs and len(source.users) == 1
+                             and type(block.get_submodule(source.target)) is nn.BatchNorm1d) else None
+        bn = block.get_submodule(bn_node.target) if bn_node is not None else None
+        conv = block.get_submodule(conv_node.target)
         if chain_reason(bn, activation, conv) is None and (wanted is None or wanted(conv_node.target)):
             chains.append((bn_node, act_node, conv_node, activation))
     return chains
@@ -295,36 +334,41 @@ def trace_fused(block: nn.Module, wanted: Optional[Callable[[str], bool]] = None
     """`block`'s forward with its chains fused, as a function of (block, *args), and the names of
     the chains' convs in `block`; None when the forward cannot be traced or has no chain (`wanted`:
     see `find_chains`)."""
-    was_training = block.training
-    block.train()
+    modes = [(m, m.training) for m in block.modules()]  # each its own: a frozen BatchNorm stays in eval
+    block.training = True  # the block's own Python only: its children are leaves
     try:
         graph = _Leaves().trace(block)
     except Exception:  # noqa: BLE001 - any forward fx cannot trace is left as it is
         return None
     finally:
-        block.train(was_training)
+        for m, training in modes:
+            m.training = training
     chains = find_chains(block, graph, wanted)
     if not chains:
         return None
     convs = tuple(conv_node.target for _, _, conv_node, _ in chains)
     for bn_node, act_node, conv_node, activation in chains:
         with graph.inserting_before(conv_node):
-            bn = graph.get_attr(bn_node.target)
+            bn = graph.get_attr(bn_node.target) if bn_node is not None else None
             conv = graph.get_attr(conv_node.target)
             call = graph.get_attr(act_node.target) if act_node.op == "call_module" else None
-            fused = graph.call_function(_fused_call, (bn, activation, conv, bn_node.args[0], call))
+            x = (bn_node if bn_node is not None else act_node).args[0]
+            fused = graph.call_function(_fused_call, (bn, activation, conv, x, call))
         conv_node.replace_all_uses_with(fused)
         for node in (conv_node, act_node, bn_node):
-            graph.erase_node(node)
+            if node is not None:
+                graph.erase_node(node)
     graph.lint()
     module = fx.GraphModule(block, graph)
     return type(module).forward, convs
 
 
-def _fused_call(bn: nn.Module, activation: Tuple[str, Any], conv: nn.Module, x: torch.Tensor,
+def _fused_call(bn: Optional[nn.Module], activation: Tuple[str, Any], conv: nn.Module, x: torch.Tensor,
                 act_module: Optional[nn.Module]) -> torch.Tensor:
     """What the traced forward calls in place of a chain (an activation module, or a functional one)."""
     call = act_module if act_module is not None else functools.partial(_apply_activation, activation=activation)
+    if bn is None:
+        return act_conv(activation, conv, x, call)
     return norm_act_conv(bn, activation, conv, x, call)
 
 

@@ -30,8 +30,9 @@ unchanged. ``convmem.restore_(model)`` undoes it.
 # custom forward (conformer's BatchNorm then SiLU, Conv-TasNet's PReLU) are left as they are.
 #
 # NOTE [Which blocks get fused chains]
-# Every module but the root whose direct children include an nn.BatchNorm1d and an nn.Conv1d (a
-# residual block, an nn.Sequential) has its forward traced with torch.fx, its children as leaves;
+# Every module but the root with an nn.Conv1d among its direct children or the items of its
+# ModuleLists (a residual block, an nn.Sequential) has its forward traced with torch.fx, its
+# submodules as leaves;
 # the chains found (NOTE [Norm-activation-conv chains] in nn/fused_norm_conv.py) whose conv
 # `filter_fn` accepts make it a `FusedNormActConv`. A forward fx cannot trace, or without a chain,
 # is left as it is without a word: most modules have none. Modules inside another convmem wrapper
@@ -192,9 +193,13 @@ def fuse_(
 
 
 def _chain_candidate(module: nn.Module) -> bool:
-    children = list(module.children())
-    return (not isinstance(module, ModuleWrapper)
-            and any(type(c) is nn.BatchNorm1d for c in children) and any(type(c) is nn.Conv1d for c in children))
+    # an activation may be a functional call: any module that may call an nn.Conv1d of its own
+    # (a child, or an item of a ModuleList or ModuleDict child) is traced
+    if isinstance(module, (ModuleWrapper, nn.ModuleList, nn.ModuleDict)):
+        return False
+    owned = [c for child in module.children()
+             for c in (child.children() if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child])]
+    return any(type(c) is nn.Conv1d for c in owned)
 
 
 def _conv_filter(filter_fn: Optional[FilterFn], block: nn.Module, prefix: str) -> Optional[Callable[[str], bool]]:
