@@ -344,7 +344,7 @@ def test_norm_act_conv_false_and_bad_config():
 
 
 def test_wrapping_a_block_without_chains_is_an_error():
-    with pytest.raises(ValueError, match="no BatchNorm1d -> activation -> Conv1d chain"):
+    with pytest.raises(ValueError, match=r"no \[BatchNorm1d ->\] activation -> Conv1d chain"):
         FusedNormActConv(nn.Sequential(nn.Conv1d(3, 3, 1), nn.ReLU()))
 
 

@@ -1,11 +1,12 @@
-"""`FusedNormActConv`: a block whose BatchNorm -> activation -> Conv1d chains keep only the BatchNorm input.
+"""`FusedNormActConv`: a block whose [BatchNorm ->] activation -> Conv1d chains keep only their first input.
 
 A training step of ``conv(act(batch_norm(x)))`` keeps x (BatchNorm's backward reads it) and the
 activation's output (the convolution's backward reads it; a GELU or SiLU keeps its input as well).
 All of them but x are cheap functions of x and the batch statistics, so this keeps x and the
 statistics only and rebuilds the convolution's input in backward, elementwise: what selective
 checkpointing keeps, without torch.utils.checkpoint and without running the block's forward again
-(NOTE [Norm-activation-conv chains]).
+(NOTE [Norm-activation-conv chains]). ``conv(act(x))`` with a GELU, SiLU or LeakyReLU, which keeps
+x and act(x), likewise keeps x only.
 
 # NOTE [Norm-activation-conv chains]
 # One autograd Function per chain. Forward: BatchNorm through the same kernel eager mode picks
@@ -19,6 +20,11 @@ checkpointing keeps, without torch.utils.checkpoint and without running the bloc
 # _batch_norm_impl_index_backward). So gradients are eager's up to the rounding of the rebuilt
 # input (the kernel may order (x - mean) * invstd * weight + bias differently): float64 tests agree
 # to 1e-15.
+#
+# An activation -> conv chain (no BatchNorm) is the same with the normalisation left out; the
+# activation's output is rebuilt by the same op on the same input, bit for bit. A ReLU alone is not
+# fused: it keeps only its output, which is the conv's input, so keeping its input instead would
+# save nothing.
 #
 # A chain qualifies (`chain_reason`) when the BatchNorm is a plain nn.BatchNorm1d, the activation
 # nn.ReLU, nn.GELU, nn.SiLU or nn.LeakyReLU (or F.relu, F.gelu, F.silu, F.leaky_relu, torch.relu
@@ -373,15 +379,22 @@ def _fused_call(bn: Optional[nn.Module], activation: Tuple[str, Any], conv: nn.M
 
 
 class FusedNormActConv(ModuleWrapper):
-    """Runs `wrapped` with its BatchNorm -> activation -> Conv1d chains fused (NOTE [Norm-activation-conv chains]).
+    """Runs `wrapped` with its [BatchNorm ->] activation -> Conv1d chains fused (NOTE [Norm-activation-conv chains]).
 
     ``state_dict()`` keys and values are those of `wrapped`; ``convmem.restore_`` gives it back.
+    `wanted`: a predicate on each chain's conv name in `wrapped` (default: every chain). Raises
+    ValueError when `wrapped`'s forward has no chain it can fuse.
+
+    Example::
+
+        >>> block = FusedNormActConv(resnet_basic_block)   # bn1 -> relu -> conv2 keeps bn1's input only
+        >>> model = convmem.nn.FusedNormActConv(model)     # the root, which fuse_ cannot replace in place
     """
 
     def __init__(self, wrapped: nn.Module, wanted: Optional[Callable[[str], bool]] = None):
         traced = trace_fused(wrapped, wanted)
         if traced is None:
-            raise ValueError(f"FusedNormActConv: no BatchNorm1d -> activation -> Conv1d chain found in "
+            raise ValueError(f"FusedNormActConv: no [BatchNorm1d ->] activation -> Conv1d chain found in "
                              f"{type(wrapped).__name__}'s forward")
         super().__init__(wrapped)
         self.__dict__["_fused_forward"], self.convs = traced

@@ -4,9 +4,9 @@ Swaps every depthwise ``nn.Conv1d`` the fused Triton kernel can run for a
 `convmem.nn.FusedDepthwiseConv1d` wrapping it, and folds a ReLU, GELU or SiLU that follows the
 conv in an ``nn.Sequential`` into the kernel. A training step then keeps only each conv's input
 and weights (NOTE [What the fused depthwise conv keeps]). And it runs every block whose forward
-calls BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d in a `convmem.nn.FusedNormActConv`, which
-keeps only the BatchNorm's input of each such chain and rebuilds the rest in backward (NOTE
-[Norm-activation-conv chains]; plain PyTorch, no Triton needed). Outputs and gradients are those
+calls BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d, or GELU/SiLU/LeakyReLU -> Conv1d, in a
+`convmem.nn.FusedNormActConv`, which keeps only the first input of each such chain and rebuilds
+the rest in backward (NOTE [Norm-activation-conv chains]; plain PyTorch, no Triton needed). Outputs and gradients are those
 of the untouched model up to floating-point reassociation, and ``state_dict()`` keys are
 unchanged. ``convmem.restore_(model)`` undoes it.
 
@@ -73,7 +73,7 @@ _STRATEGY = "fuse_"
 class FuseConfig(ConfigDict):
     """``activations``: fold a following ReLU/GELU/SiLU into the kernel (NOTE [Which activations are
     fused]); ``max_depth_multiplier``: the most filters per input channel a fused conv may have;
-    ``norm_act_conv``: fuse BatchNorm -> activation -> Conv1d chains (NOTE [Which blocks get fused
+    ``norm_act_conv``: fuse [BatchNorm ->] activation -> Conv1d chains (NOTE [Which blocks get fused
     chains])."""
 
     activations: bool = True
@@ -122,7 +122,7 @@ def fuse_(
     norm_act_conv: bool = True,
 ) -> nn.Module:
     """Run the depthwise convs of `model` (and a following activation) by fused kernels, and its
-    BatchNorm -> activation -> Conv1d chains fused, in place; returns `model`.
+    [BatchNorm ->] activation -> Conv1d chains fused, in place; returns `model`.
 
     Args:
         model: any ``nn.Module``; its depthwise ``nn.Conv1d`` take ``x: (batch, channels, length)``.
@@ -131,8 +131,9 @@ def fuse_(
         activations: also fold a ReLU, GELU (exact) or SiLU that follows a fused conv in an
             ``nn.Sequential`` into its kernel (NOTE [Which activations are fused]).
         max_depth_multiplier: fuse convs with up to this many filters per input channel.
-        norm_act_conv: also run BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d chains of the
-            blocks' forwards fused, keeping only each chain's BatchNorm input (NOTE [Which blocks
+        norm_act_conv: also run BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d and
+            GELU/SiLU/LeakyReLU -> Conv1d chains of the blocks' forwards fused, keeping only each
+            chain's first input (NOTE [Which blocks
             get fused chains]); `filter_fn` is asked about the chain's Conv1d.
 
     Exact: outputs, gradients and buffers agree with the untouched model up to rounding, and
@@ -183,7 +184,7 @@ def fuse_(
         swap_modules(model, replacements)
     chained = _fuse_chains(model, filter_fn) if config.norm_act_conv else set()
     # a conv filter_fn chose for its chain is not one the depthwise pass left out
-    chain_note = "; nor is it the conv of a BatchNorm -> activation -> Conv1d chain" if config.norm_act_conv else ""
+    chain_note = "; nor is it the conv of an activation chain it could fuse" if config.norm_act_conv else ""
     warn_skipped(_STRATEGY, {n: r + (chain_note if r.startswith("not depthwise") else "")
                              for n, r in skipped.items() if n not in chained})
     if not chosen and not chained:
