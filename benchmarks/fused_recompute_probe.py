@@ -7,7 +7,8 @@ conv's input in its backward from the saved batch statistics (InPlace-ABN's idea
 2018, without its invertible activation): what selective keeps, with none of torch.utils.checkpoint's
 machinery and two extra elementwise kernels per block. Not a convmem strategy: a measurement for
 issue 3's "selective under 10% in eager" (docs/BENCHMARKS.md). Off a GPU (``--check``) it checks the
-fused block against the untouched one in float64.
+fused block against the untouched one in float64. Since then a strategy: ``convmem.fuse_`` finds
+such chains in any block (`convmem.nn.FusedNormActConv`, NOTE [Norm-activation-conv chains]).
 """
 from __future__ import annotations
 
