@@ -59,7 +59,7 @@ from ..profile.autocast_sim import autocast_state
 from ._conv_replay import _options
 from ._wrapper import ModuleWrapper
 
-__all__ = ["FusedNormActConv", "chain_reason", "find_chains", "norm_act_conv"]
+__all__ = ["FusedNormActConv", "act_conv", "chain_reason", "find_chains", "norm_act_conv", "trace_fused"]
 
 _aten = torch.ops.aten
 
@@ -91,7 +91,8 @@ def _apply_activation(z: torch.Tensor, activation: Tuple[str, Any]) -> torch.Ten
     return F.leaky_relu(z, arg)
 
 
-def _activation_backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, activation: Tuple[str, Any]) -> torch.Tensor:
+def _activation_backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor,
+                         activation: Tuple[str, Any]) -> torch.Tensor:
     # The ops eager autograd calls for each activation (ReLU's reads its output).
     name, arg = activation
     if name == "relu":
@@ -127,7 +128,8 @@ class _NormActConv(torch.autograd.Function):
         out = F.conv1d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, bn_weight, bn_bias, conv_weight, mean, invstd, reserve)
         ctx.impl, ctx.eps, ctx.activation, ctx.options = impl, eps, activation, options
-        ctx.has_bn_weight, ctx.has_bn_bias, ctx.has_conv_bias = bn_weight is not None, bn_bias is not None, conv_bias is not None
+        ctx.has_bn_weight, ctx.has_bn_bias = bn_weight is not None, bn_bias is not None
+        ctx.has_conv_bias = conv_bias is not None
         return out
 
     @staticmethod
@@ -195,7 +197,8 @@ def _autocast_on(x: torch.Tensor) -> bool:
 
 
 def _fusable_now(x: torch.Tensor, bn: nn.BatchNorm1d) -> bool:
-    return torch.is_grad_enabled() and _batch_statistics(bn) and not torch.compiler.is_compiling() and not _autocast_on(x)
+    return (torch.is_grad_enabled() and _batch_statistics(bn) and not torch.compiler.is_compiling()
+            and not _autocast_on(x))
 
 
 def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv1d, x: torch.Tensor,
@@ -223,8 +226,9 @@ def _fusable_hooks(bn: Optional[nn.BatchNorm1d], conv: nn.Conv1d, activation: Ca
     needs the modules' own calls (NOTE [Norm-activation-conv chains]).
 
     Hooks marked ``convmem_observer`` (convmem.profile's per-module bookkeeping, selective
-    checkpointing's conv-output keeper) are left out: the chain is then one call of its block. Checkpointed's recompute bookkeeping on the BatchNorm (NOTE
-    [Buffers are updated once]) is returned, to run around the chain. Any other hook: None.
+    checkpointing's conv-output keeper) are left out: the chain is then one call of its block.
+    Checkpointed's recompute bookkeeping on the BatchNorm (NOTE [Buffers are updated once]) is
+    returned, to run around the chain. Any other hook: None.
     """
     from .checkpointed import _Recompute
 
@@ -322,7 +326,8 @@ def find_chains(block: nn.Module, graph: fx.Graph, wanted: Optional[Callable[[st
         if activation is None or len(act_node.users) != 1:
             continue
         conv_node = next(iter(act_node.users))
-        if conv_node.op != "call_module" or calls[conv_node.target] != 1 or conv_node.args != (act_node,) or conv_node.kwargs:
+        if (conv_node.op != "call_module" or calls[conv_node.target] != 1 or conv_node.args != (act_node,)
+                or conv_node.kwargs):
             continue
         source = act_node.args[0]
         bn_node = source if (isinstance(source, fx.Node) and source.op == "call_module" and calls[source.target] == 1
