@@ -3,6 +3,7 @@ BatchNorm input, exact against the untouched model in float64 (NOTE [Norm-activa
 from __future__ import annotations
 
 import copy
+import io
 import shutil
 import warnings
 
@@ -272,6 +273,22 @@ def test_keeps_only_the_batchnorm_input(act):
     # BatchNorm output) besides: two.
     saved = _kept_bytes(model, x) - _kept_bytes(optimized, x)
     assert saved == activation_bytes * (1 if isinstance(act, nn.ReLU) else 2)
+
+
+def test_a_fused_model_survives_pickle_and_deepcopy():
+    # torch.save(model) pickles it; the traced forward is traced again on loading
+    model = Outer(_model(act=nn.SiLU(), residual=True))
+    optimized = _fused(model)
+    buffer = io.BytesIO()
+    torch.save(optimized, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = _x(length=1000)
+    kept = lambda m: _kept_bytes(copy.deepcopy(m), x)  # noqa: E731 - copies: a step moves the statistics
+    for copy_ in (loaded, copy.deepcopy(optimized)):
+        assert _chains(copy_) == 1
+        assert kept(copy_) == kept(optimized) < kept(model)
+        assert_same_step(copy.deepcopy(model), copy_, [_x()], steps=2)
 
 
 # ------------------------------------------------------------------------------ left alone

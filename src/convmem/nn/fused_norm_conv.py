@@ -407,9 +407,21 @@ class FusedNormActConv(ModuleWrapper):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         block = self.wrapped
-        if block.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._fused_forward(block, *args, **kwargs)
+        fused = self._fused_forward
+        if fused is not None and block.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return fused(block, *args, **kwargs)
         return block(*args, **kwargs)
+
+    # The traced forward is generated code, which pickle cannot save (``torch.save(model)``): it is
+    # traced again on loading, for the same convs.
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_fused_forward"}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        traced = trace_fused(self.wrapped, frozenset(self.convs).__contains__)
+        self.__dict__["_fused_forward"] = traced[0] if traced is not None else None
 
     def extra_repr(self) -> str:
         return f"chains={self.chains}"
