@@ -6,9 +6,9 @@ conv in an ``nn.Sequential`` into the kernel. A training step then keeps only ea
 and weights (NOTE [What the fused depthwise conv keeps]). And it runs every block whose forward
 calls BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d, or GELU/SiLU/LeakyReLU -> Conv1d, in a
 `convmem.nn.FusedNormActConv`, which keeps only the first input of each such chain and rebuilds
-the rest in backward (NOTE [Norm-activation-conv chains]; plain PyTorch, no Triton needed). Outputs and gradients are those
-of the untouched model up to floating-point reassociation, and ``state_dict()`` keys are
-unchanged. ``convmem.restore_(model)`` undoes it.
+the rest in backward (NOTE [Norm-activation-conv chains]; plain PyTorch, no Triton needed).
+Outputs and gradients are those of the untouched model up to floating-point reassociation, and
+``state_dict()`` keys are unchanged. ``convmem.restore_(model)`` undoes it.
 
 # NOTE [Which convs are fused]
 # `filter_fn(module, fqn)` is asked about every nn.Conv1d (default: all). Of those chosen:
@@ -27,14 +27,14 @@ unchanged. ``convmem.restore_(model)`` undoes it.
 # conv and the next module are items of one nn.Sequential that runs Sequential's own forward, each
 # registered once in the model (a shared module may be called elsewhere), and the next module is
 # exactly nn.ReLU, nn.SiLU or nn.GELU(approximate='none') without hooks. Activations called from a
-# custom forward (conformer's BatchNorm then SiLU, Conv-TasNet's PReLU) are left as they are.
+# custom forward (conformer's BatchNorm then SiLU, Conv-TasNet's PReLU) are left as they are by
+# the kernel (conformer's BatchNorm -> SiLU -> pointwise conv is a chain: the NOTE below).
 #
 # NOTE [Which blocks get fused chains]
 # Every module but the root with an nn.Conv1d among its direct children or the items of its
 # ModuleLists (a residual block, an nn.Sequential) has its forward traced with torch.fx, its
-# submodules as leaves;
-# the chains found (NOTE [Norm-activation-conv chains] in nn/fused_norm_conv.py) whose conv
-# `filter_fn` accepts make it a `FusedNormActConv`. A forward fx cannot trace, or without a chain,
+# submodules as leaves; the chains found (NOTE [Norm-activation-conv chains] in
+# nn/fused_norm_conv.py) whose conv `filter_fn` accepts make it a `FusedNormActConv`. A forward fx cannot trace, or without a chain,
 # is left as it is without a word: most modules have none. Modules inside another convmem wrapper
 # are not traced (the wrapper runs its own way), nor modules registered under two names. When
 # blocks nest, the outermost with a chain is wrapped. The root itself cannot be replaced in place:
@@ -133,8 +133,8 @@ def fuse_(
         max_depth_multiplier: fuse convs with up to this many filters per input channel.
         norm_act_conv: also run BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d and
             GELU/SiLU/LeakyReLU -> Conv1d chains of the blocks' forwards fused, keeping only each
-            chain's first input (NOTE [Which blocks
-            get fused chains]); `filter_fn` is asked about the chain's Conv1d.
+            chain's first input (NOTE [Which blocks get fused chains]); `filter_fn` is asked
+            about the chain's Conv1d.
 
     Exact: outputs, gradients and buffers agree with the untouched model up to rounding, and
     ``state_dict()`` keys and values are unchanged. ``convmem.restore_(model)`` undoes it.
