@@ -58,6 +58,7 @@ from torch import fx, nn
 from ..profile.autocast_sim import autocast_state
 from ._conv_replay import _options
 from ._wrapper import ModuleWrapper
+from .checkpointed import _Recompute
 
 __all__ = ["FusedNormActConv", "act_conv", "chain_reason", "find_chains", "norm_act_conv", "trace_fused"]
 
@@ -192,7 +193,9 @@ def _batch_statistics(bn: nn.BatchNorm1d) -> bool:
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
-    autocast = autocast_state(x.device.type)
+    if x.device.type in ("cuda", "cpu"):
+        return torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_state(x.device.type)  # the meta device: convmem.profile's simulated autocast
     return autocast is not None and autocast.get("enabled") is not False
 
 
@@ -230,9 +233,9 @@ def _fusable_hooks(bn: Optional[nn.BatchNorm1d], conv: nn.Conv1d, activation: Ca
     Checkpointed's recompute bookkeeping on the BatchNorm (NOTE [Buffers are updated once]) is
     returned, to run around the chain. Any other hook: None.
     """
-    from .checkpointed import _Recompute
-
     modules = [m for m in (bn, conv, activation) if isinstance(m, nn.Module)]
+    if not any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return [], []  # the common case, checked first: this runs once per chain and step
     kept: Dict[str, List[Callable]] = {"pre": [], "post": []}
     for module in modules:
         for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks)):
