@@ -226,6 +226,18 @@ def test_activation_conv_chains_are_exact_and_keep_the_activation_input_only(act
     assert _kept_bytes(model, x) - _kept_bytes(optimized, x) == 4 * 6 * 1000 * 8  # the activation's output
 
 
+def test_weight_normed_convs_are_fused_exactly():
+    # HiFi-GAN as published: every conv under weight norm (a parametrization), LeakyReLU before it
+    torch.manual_seed(0)
+    block = ActChain(nn.LeakyReLU(0.1)).double()
+    block.conv = nn.utils.parametrizations.weight_norm(block.conv)
+    model = Outer(block)
+    optimized = _fused(model)
+    assert _chains(optimized) == 1
+    assert list(optimized.state_dict()) == list(model.state_dict())
+    assert_same_step(model, optimized, [_x()], steps=2)
+
+
 def test_a_relu_without_batchnorm_is_left_alone():
     # ReLU keeps its output only; keeping its input instead would save nothing
     with pytest.warns(UserWarning, match="no Conv1d to change"):

@@ -28,7 +28,8 @@ x and act(x), likewise keeps x only.
 #
 # A chain qualifies (`chain_reason`) when the BatchNorm is a plain nn.BatchNorm1d, the activation
 # nn.ReLU, nn.GELU, nn.SiLU or nn.LeakyReLU (or F.relu, F.gelu, F.silu, F.leaky_relu, torch.relu
-# called in forward with constant arguments), the convolution a plain nn.Conv1d with zero padding,
+# called in forward with constant arguments), the convolution an nn.Conv1d running Conv1d's own
+# forward (parametrized ones too: weight norm) with zero padding,
 # none of them with hooks (the fused path would bypass them), and each output's only consumer the
 # next op: the block's forward is traced with torch.fx, its submodules as leaves, to see that. At
 # run time a chain runs fused only when it would save memory exactly: gradients on, the BatchNorm
@@ -276,8 +277,9 @@ def chain_reason(bn: Optional[nn.Module], activation: Optional[Tuple[str, Any]],
     if bn is None and activation[0] == "relu":
         # ReLU keeps only its output, the conv's input: keeping its input instead saves nothing
         return "a ReLU without a BatchNorm before it keeps one tensor either way"
-    if type(conv) is not nn.Conv1d:
-        return f"{type(conv).__name__} is not a plain nn.Conv1d"
+    if not isinstance(conv, nn.Conv1d) or type(conv).forward is not nn.Conv1d.forward:
+        # a parametrized Conv1d (weight norm) qualifies: its weight is computed when read
+        return f"{type(conv).__name__} is not an nn.Conv1d with Conv1d's own forward"
     if conv.padding_mode != "zeros" or (isinstance(conv.padding, str) and conv.padding != "valid"):
         return f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}: only zero padding given in numbers"
     if any(m._forward_hooks or m._forward_pre_hooks for m in (bn, conv) if m is not None):

@@ -200,7 +200,7 @@ def _chain_candidate(module: nn.Module) -> bool:
         return False
     owned = [c for child in module.children()
              for c in (child.children() if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child])]
-    return any(type(c) is nn.Conv1d for c in owned)
+    return any(isinstance(c, nn.Conv1d) for c in owned)
 
 
 def _conv_filter(filter_fn: Optional[FilterFn], block: nn.Module, prefix: str) -> Optional[Callable[[str], bool]]:
