@@ -49,7 +49,6 @@ x and act(x), likewise keeps x only.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -61,7 +60,7 @@ from ._conv_replay import _options
 from ._wrapper import ModuleWrapper
 from .checkpointed import _Recompute
 
-__all__ = ["FusedNormActConv", "act_conv", "chain_reason", "find_chains", "norm_act_conv", "trace_fused"]
+__all__ = ["FusedNormActConv", "NoChainError", "act_conv", "chain_reason", "find_chains", "norm_act_conv", "trace_fused"]
 
 _aten = torch.ops.aten
 
@@ -180,12 +179,20 @@ class _ActConv(torch.autograd.Function):
 
 
 def act_conv(activation: Tuple[str, Any], conv: nn.Conv1d, x: torch.Tensor,
-             call_activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``conv(call_activation(x))``, fused when that saves memory exactly (NOTE [Norm-activation-conv chains])."""
+             act_module: Optional[nn.Module] = None) -> torch.Tensor:
+    """``conv(act(x))``, fused when that saves memory exactly (NOTE [Norm-activation-conv chains]).
+
+    `act_module`: the block's activation module, called when the chain runs unfused (None: the
+    block called the activation as a function).
+    """
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or _autocast_on(x)
-            or _fusable_hooks(None, conv, call_activation) is None):
-        return conv(call_activation(x))
+            or _fusable_hooks(None, conv, act_module) is None):
+        return conv(_unfused_activation(x, activation, act_module))
     return _ActConv.apply(x, conv.weight, conv.bias, activation, _options(conv))
+
+
+def _unfused_activation(z: torch.Tensor, activation: Tuple[str, Any], act_module: Optional[nn.Module]) -> torch.Tensor:
+    return act_module(z) if act_module is not None else _apply_activation(z, activation)
 
 
 def _batch_statistics(bn: nn.BatchNorm1d) -> bool:
@@ -206,14 +213,14 @@ def _fusable_now(x: torch.Tensor, bn: nn.BatchNorm1d) -> bool:
 
 
 def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv1d, x: torch.Tensor,
-                  call_activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``conv(call_activation(bn(x)))``, fused when that saves memory exactly (NOTE [Norm-activation-conv chains]).
+                  act_module: Optional[nn.Module] = None) -> torch.Tensor:
+    """``conv(act(bn(x)))``, fused when that saves memory exactly (NOTE [Norm-activation-conv chains]).
 
-    `call_activation` is the block's own activation call, used when the chain runs unfused.
+    `act_module`: as in `act_conv`.
     """
-    recompute_hooks = _fusable_hooks(bn, conv, call_activation)
+    recompute_hooks = _fusable_hooks(bn, conv, act_module)
     if not _fusable_now(x, bn) or recompute_hooks is None:
-        return conv(call_activation(bn(x)))
+        return conv(_unfused_activation(bn(x), activation, act_module))
     pre_hooks, post_hooks = recompute_hooks
     for hook in pre_hooks:
         hook(bn, (x,))
@@ -224,7 +231,7 @@ def norm_act_conv(bn: nn.BatchNorm1d, activation: Tuple[str, Any], conv: nn.Conv
             hook(bn, (x,), None)
 
 
-def _fusable_hooks(bn: Optional[nn.BatchNorm1d], conv: nn.Conv1d, activation: Callable,
+def _fusable_hooks(bn: Optional[nn.BatchNorm1d], conv: nn.Conv1d, act_module: Optional[nn.Module],
                    ) -> Optional[Tuple[List[Callable], List[Callable]]]:
     """The BatchNorm hooks to run around the fused chain, or None when a hook on the chain's modules
     needs the modules' own calls (NOTE [Norm-activation-conv chains]).
@@ -234,7 +241,7 @@ def _fusable_hooks(bn: Optional[nn.BatchNorm1d], conv: nn.Conv1d, activation: Ca
     Checkpointed's recompute bookkeeping on the BatchNorm (NOTE [Buffers are updated once]) is
     returned, to run around the chain. Any other hook: None.
     """
-    modules = [m for m in (bn, conv, activation) if isinstance(m, nn.Module)]
+    modules = [m for m in (bn, conv, act_module) if m is not None]
     if not any(m._forward_hooks or m._forward_pre_hooks for m in modules):
         return [], []  # the common case, checked first: this runs once per chain and step
     kept: Dict[str, List[Callable]] = {"pre": [], "post": []}
@@ -381,11 +388,14 @@ def trace_fused(block: nn.Module, wanted: Optional[Callable[[str], bool]] = None
 
 def _fused_call(bn: Optional[nn.Module], activation: Tuple[str, Any], conv: nn.Module, x: torch.Tensor,
                 act_module: Optional[nn.Module]) -> torch.Tensor:
-    """What the traced forward calls in place of a chain (an activation module, or a functional one)."""
-    call = act_module if act_module is not None else functools.partial(_apply_activation, activation=activation)
+    """What the traced forward calls in place of a chain."""
     if bn is None:
-        return act_conv(activation, conv, x, call)
-    return norm_act_conv(bn, activation, conv, x, call)
+        return act_conv(activation, conv, x, act_module)
+    return norm_act_conv(bn, activation, conv, x, act_module)
+
+
+class NoChainError(ValueError):
+    """A block's forward has no chain `FusedNormActConv` can fuse."""
 
 
 class FusedNormActConv(ModuleWrapper):
@@ -393,7 +403,7 @@ class FusedNormActConv(ModuleWrapper):
 
     ``state_dict()`` keys and values are those of `wrapped`; ``convmem.restore_`` gives it back.
     `wanted`: a predicate on each chain's conv name in `wrapped` (default: every chain). Raises
-    ValueError when `wrapped`'s forward has no chain it can fuse.
+    `NoChainError` (a ValueError) when `wrapped`'s forward has no chain it can fuse.
 
     Example::
 
@@ -404,11 +414,15 @@ class FusedNormActConv(ModuleWrapper):
     def __init__(self, wrapped: nn.Module, wanted: Optional[Callable[[str], bool]] = None):
         traced = trace_fused(wrapped, wanted)
         if traced is None:
-            raise ValueError(f"FusedNormActConv: no [BatchNorm1d ->] activation -> Conv1d chain found in "
+            raise NoChainError(f"FusedNormActConv: no [BatchNorm1d ->] activation -> Conv1d chain found in "
                              f"{type(wrapped).__name__}'s forward")
         super().__init__(wrapped)
         self.__dict__["_fused_forward"], self.convs = traced
-        self.chains = len(self.convs)
+
+    @property
+    def chains(self) -> int:
+        """How many chains run fused."""
+        return len(self.convs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         block = self.wrapped
@@ -420,8 +434,7 @@ class FusedNormActConv(ModuleWrapper):
     # The traced forward is generated code, which pickle cannot save (``torch.save(model)``): it is
     # traced again on loading, for the same convs.
     def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "_fused_forward"}
+        return {k: v for k, v in self.__dict__.items() if k != "_fused_forward"}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -52,7 +52,7 @@ from torch import nn
 from ..kernels.depthwise import kernels_usable, triton_available
 from ..nn._wrapper import ModuleWrapper
 from ..nn.fused_depthwise import FusedActivation, FusedDepthwiseConv1d, activation_name, fusable_reason
-from ..nn.fused_norm_conv import FusedNormActConv, trace_fused
+from ..nn.fused_norm_conv import FusedNormActConv, NoChainError
 from ._common import (
     ConfigDict,
     FilterFn,
@@ -221,8 +221,10 @@ def _fuse_chains(model: nn.Module, filter_fn: Optional[FilterFn]) -> Set[str]:
             continue
         if any(name.startswith(w + ".") for w in inside_wrappers):
             continue
-        if trace_fused(module, _conv_filter(filter_fn, module, name)) is not None:
+        try:
             found[name] = FusedNormActConv(module, _conv_filter(filter_fn, module, name))
+        except NoChainError:
+            continue  # most modules have none
     outermost = {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
     swap_modules(model, outermost)
     return {f"{name}.{conv}" for name, block in outermost.items() for conv in block.convs}
