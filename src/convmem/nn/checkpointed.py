@@ -107,6 +107,8 @@ recompute (the RNG state is replayed), and autocast is re-entered as it was.
 # floating-point tensor a selective block returns passes through a mark, -(-t), whose negations
 # the policy tags MUST_SAVE: the partitioner saves the output when backward needs it, as eager mode
 # keeps it, and nothing otherwise (a MUST_SAVE tensor that backward does not read is not saved).
+# A block's own negations are tagged MUST_SAVE too: such a tensor is then kept when backward reads
+# it, which is what eager mode keeps, never more.
 # The mark is exact to the bit, and Inductor computes it in the kernel that computes the output
 # (pointwise ops); behind an extern kernel (a block ending in a convolution) it is one pass over
 # the output. A ``clone`` would not do: Inductor's joint-graph passes remove it as a no-op before
