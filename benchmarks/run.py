@@ -42,7 +42,7 @@ BENCHES = {
         "convmem_selective_compiled_outputs_recomputed": strategies.convmem_checkpoint(
             "selective", compile_model=True, save_outputs_compiled=False),
     }, ()),
-    # fuse_'s BatchNorm -> activation -> Conv1d chains in eager mode, against selective checkpointing
+    # fuse_'s [BatchNorm ->] activation -> Conv1d chains in eager mode, against selective checkpointing
     # (NOTE [Norm-activation-conv chains] in nn/fused_norm_conv.py)
     "fused_chains": ({
         "eager_fp32": strategies.eager,

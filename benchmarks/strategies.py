@@ -17,9 +17,11 @@ from convmem.nn._wrapper import ModuleWrapper, replace_submodule
 
 
 def compile_warmup(mode: Optional[str]) -> int:
-    """Steps before the measured one under torch.compile in `mode`: CUDA graph trees
-    ("reduce-overhead") warm up in the first call, record in the second, replay from the third."""
-    return 3 if mode == "reduce-overhead" else 1
+    """Steps before the measured one under torch.compile in `mode`: optimize_'s rule (CUDA graph
+    trees warm up in the first call, record in the second, replay from the third)."""
+    from convmem.strategies.optimize import _GRAPH_WARMUP, _GRAPHED_MODES
+
+    return _GRAPH_WARMUP if mode in _GRAPHED_MODES else 1
 
 
 class Prepared:
@@ -187,7 +189,7 @@ def convmem_tiled_model(tile_length: int, selective: bool = False, compiled: boo
 
 
 def convmem_fused_chains(entry) -> Optional[Prepared]:
-    """fuse_'s BatchNorm -> activation -> Conv1d chains alone (dense convs only: no depthwise kernel)."""
+    """fuse_'s [BatchNorm ->] activation -> Conv1d chains alone (dense convs only: no depthwise kernel)."""
     import convmem
     from convmem.nn import FusedNormActConv
 
