@@ -152,6 +152,110 @@ def test_hand_made_plan_on_a_model_without_a_chain():
     assert_same_step(twin(small("wavenet").model), entry.model, entry.inputs, entry.loss_fn)
 
 
+# ------------------------------------------------------------- modules beside the blocks
+def test_the_stem_beside_the_blocks_is_an_item_and_runs_stay_in_the_chain():
+    """NOTE [Modules beside the blocks]: ResNet1d's stem keeps more than a block and is planned;
+    runs of several items (checkpointed segments, the chain tiled) never take it in."""
+    costs = _default_costs("resnet1d")
+    names = [it.name for it in costs.items]
+    assert names == ["stem"] + [f"blocks.{i}" for i in range(8)] and costs.chain == "blocks"
+    assert costs.chain_span() == (1, 9)
+    problem = costs.problem(ALL)
+    runs = [c for c in problem.choices if c.stop - c.start > 1]
+    assert runs and all(c.start >= 1 for c in runs)
+    tiled = dataclasses.replace(costs, chain_tiles=[[128, None, 1 << 20, 1 << 21, 1e-3]])  # (BatchNorm: none here)
+    assert [(c.start, c.stop) for c in tiled.problem(ALL).choices if c.option == "tile" and c.stop - c.start > 1] \
+        == [(1, 9)]
+    assert {c.option for c in problem.choices if c.start == 0} >= {"keep", "checkpoint"}
+    # checkpointing the stem too is the least peak (the harness's anchor checkpoints the blocks only)
+    least = convmem.plan.solver.min_peak(problem)
+    assert least.segments[0].option != "keep"
+    # models whose parts beside the blocks keep little have none
+    assert [it.name for it in _default_costs("w2v2_fe").items] == [f"conv_layers.{i}" for i in range(7)]
+    assert all(".blocks." in it.name for it in _default_costs("convtasnet").items)
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv1d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.tanh(self.conv(x))
+
+
+class _StemBlocksHead(nn.Module):
+    """A wide stem, blocks (a Sequential or a ModuleList), a parameter-free pool and a wide head."""
+
+    def __init__(self, listed: bool, width: int = 4, wide: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(1, wide, 3, padding=1), nn.GELU(), nn.Conv1d(wide, width, 1))
+        blocks = [_Block(width) for _ in range(3)]
+        self.blocks = nn.ModuleList(blocks) if listed else nn.Sequential(*blocks)
+        self.pool = nn.MaxPool1d(1)  # keeps its input, but holds no parameters: not an item
+        self.head = nn.Sequential(nn.Conv1d(width, wide, 3, padding=1), nn.GELU(), nn.Conv1d(wide, 1, 1))
+        self.thin = nn.Conv1d(1, 1, 1)  # keeps less than a block: not an item
+
+    def forward(self, x):
+        x = self.stem(x)
+        if isinstance(self.blocks, nn.ModuleList):
+            for block in self.blocks:
+                x = block(x)
+        else:
+            x = self.blocks(x)
+        return self.thin(self.head(self.pool(x)))
+
+
+_SEG = PlanSegment
+_AROUND_A_CHAIN = {
+    "all checkpointed": [_SEG(0, 1, "checkpoint")] + [_SEG(i, i + 1, "checkpoint") for i in range(1, 4)] +
+                        [_SEG(4, 5, "checkpoint")],
+    "runs": [_SEG(0, 1, "selective"), _SEG(1, 3, "checkpoint"), _SEG(3, 4, "keep"), _SEG(4, 5, "checkpoint")],
+    "chain tiled": [_SEG(0, 1, "checkpoint"), _SEG(1, 4, "tile", tile_length=32), _SEG(4, 5, "tile", tile_length=16)],
+    "chain tiled by sample": [_SEG(0, 1, "keep"), _SEG(1, 4, "tile", tile_length=32, batch_chunk=1),
+                              _SEG(4, 5, "offload")],
+    "one run": [_SEG(0, 1, "tile", tile_length=16), _SEG(1, 4, "checkpoint"), _SEG(4, 5, "keep")],
+}
+
+
+@pytest.mark.parametrize("listed, case", [(False, case) for case in _AROUND_A_CHAIN] + [
+    (True, case) for case, segments in _AROUND_A_CHAIN.items() if all(s.stop - s.start == 1 for s in segments)])
+def test_modules_beside_the_blocks_are_planned_and_apply_exactly(listed, case):
+    torch.manual_seed(0)
+    model = _StemBlocksHead(listed).double()
+    x = torch.randn(2, 1, 64, dtype=torch.float64)
+    costs = chain_costs(model, (x,), None, ALL, measure_times=False)
+    assert [it.name for it in costs.items] == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
+    assert (costs.chain, costs.chain_span()) == ((None, (0, 0)) if listed else ("blocks", (1, 4)))
+    base = optimize_(model, x, budget=1 << 40, measure=False, costs=costs)
+    assert not wrapper_state(model)
+    segments = _AROUND_A_CHAIN[case]
+    reference = twin(model)
+    plan = Plan.from_json(dataclasses.replace(base, segments=segments).to_json())
+    apply_(model, plan)
+    wrapped = wrapper_state(model)
+    assert ("stem" in wrapped, "head" in wrapped) == (segments[0].option != "keep", segments[-1].option != "keep"), wrapped
+    assert_same_step(reference, model, (x,), None)
+
+
+@pytest.mark.parametrize("case", ["stem and one run", "stem and runs", "stem selective, singles"])
+def test_plans_with_the_stem_beside_the_chain_apply_exactly(case):
+    entry = small("resnet1d")
+    base = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, measure=False)
+    assert base.items[0] == "stem" and base.chain == "blocks" and not wrapper_state(entry.model)
+    n, seg = len(base.items), PlanSegment
+    segments = {
+        "stem and one run": [seg(0, 1, "checkpoint"), seg(1, n, "checkpoint")],
+        "stem and runs": [seg(0, 1, "checkpoint"), seg(1, 3, "checkpoint"), seg(3, 4, "offload"), seg(4, n, "checkpoint")],
+        "stem selective, singles": [seg(0, 1, "selective")] + [seg(i, i + 1, "checkpoint") for i in range(1, n)],
+    }[case]
+    plan = Plan.from_json(dataclasses.replace(base, segments=segments).to_json())
+    apply_(entry.model, plan)
+    wrapped = wrapper_state(entry.model)
+    assert "stem" in wrapped and ("blocks" in wrapped or all(f"blocks.{i}" in wrapped for i in range(n - 1))), wrapped
+    assert_same_step(twin(small("resnet1d").model), entry.model, entry.inputs, entry.loss_fn)
+
+
 def test_replanning_for_another_length_leaves_the_model_alone():
     entry = small("tcn")
     plan = forced_plan(entry)

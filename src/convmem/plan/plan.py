@@ -26,7 +26,7 @@ from ..nn.checkpointed import Checkpointed
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..strategies._common import swap_modules
-from .costs import ChainCosts
+from .costs import ChainCosts, chain_span
 from .solver import Choice
 
 __all__ = ["Plan", "PlanSegment", "apply_", "structure_of"]
@@ -154,9 +154,11 @@ class Plan:
 
 
 def _roots(items: Sequence[str], chain: Optional[str]) -> List[str]:
-    """The containers whose whole contents a plan depends on: the chain, or the blocks' parents."""
+    """The containers whose whole contents a plan depends on: the chain and the modules beside it
+    (NOTE [Modules beside the blocks]), or the blocks' parents."""
     if chain:
-        return [chain]
+        first, last = chain_span(items, chain)
+        return [chain] + [name for i, name in enumerate(items) if not first <= i < last]
     return list(dict.fromkeys(name.rpartition(".")[0] for name in items))
 
 
@@ -228,6 +230,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     replacements: Dict[str, nn.Module] = {}
     group = None
     multi = any(seg.stop - seg.start > 1 for seg in plan.segments)
+    first, last = chain_span(plan.items, plan.chain)
+    inside = [seg for seg in plan.segments if first <= seg.start < last]  # the chain's (NOTE [Modules beside the blocks])
     for seg in plan.segments:
         names = plan.items[seg.start:seg.stop]
         if seg.option == "tile" and len(names) > 1:
@@ -241,7 +245,7 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
             if seg.option == "selective":
                 replacements[name] = Checkpointed(module, "selective")
             elif seg.option == "checkpoint":
-                if not multi or plan.chain is None:
+                if not multi or seg not in inside:
                     replacements[name] = Checkpointed(module, "full")
             elif seg.option == "tile":
                 replacements[name] = Tiled(module, seg.tile_length, name=name)
@@ -257,14 +261,14 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
                 raise ValueError(f"apply_: unknown option {seg.option!r} in the plan")
     undo = swap_modules(model, replacements)
     try:
-        if multi and plan.chain is not None:
+        if multi and inside:
             seq = model.get_submodule(plan.chain)
-            if len(plan.segments) == 1 and plan.segments[0].option == "tile":
-                only = plan.segments[0]
+            if len(inside) == 1 and inside[0].option == "tile":
+                only = inside[0]
                 swap_modules(model, {plan.chain: Tiled(seq, only.tile_length, batch_chunk=only.batch_chunk, name=plan.chain)})
             else:
-                sizes = [s.stop - s.start for s in plan.segments]
-                flags = [s.option == "checkpoint" for s in plan.segments]
+                sizes = [s.stop - s.start for s in inside]
+                flags = [s.option == "checkpoint" for s in inside]
                 swap_modules(model, {plan.chain: Checkpointed(seq, "full", sizes, recompute=flags)})
     except Exception:
         undo()
