@@ -286,6 +286,28 @@ def test_a_compile_mode_reaches_the_judge_and_the_explanation(monkeypatch):
     assert Plan.from_dict(plan.to_dict()).measured_compile_mode == "reduce-overhead"
 
 
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_every_compiled_judgment_compiles_from_a_reset_compiler(monkeypatch, mode):
+    # NOTE [Plans for compiled models]: each judged plan fails the guards of the one before it; past
+    # Dynamo's recompile limit the model's forward would run eagerly and the plan be timed that way.
+    from convmem.profile import measure as measure_module
+    from convmem.strategies import optimize as module
+
+    events = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: events.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: (events.append("compile"), model)[1])
+    monkeypatch.setattr("convmem.plan.timing.step_seconds", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(measure_module, "reset_cuda_peak", lambda device: None)
+    monkeypatch.setattr(measure_module, "graph_pool_bytes", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 123)
+    entry, plan = _planned_at(0.8)
+    for _ in range(3):
+        module._measure_compiled(entry.model, entry.inputs, entry.loss_fn, None, plan, lambda text: None, mode)
+    expected = ["reset", "compile"] + (["reset"] if mode else [])
+    assert events == expected * 3
+    assert plan.measured_compiled and plan.measured_peak_bytes == 123
+
+
 @pytest.mark.parametrize("compiled, error", [("reduce_overhead", ValueError), (1, TypeError), (None, TypeError)])
 def test_a_compile_mode_that_does_not_exist_is_rejected(compiled, error):
     entry = small("tcn")

@@ -27,7 +27,14 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # the eager estimate of the optimized model describes another step, which the compiled one may
 # undercut by a third (hifigan, NOTE [Using the slack]) -- and the solver budget is lowered by the
 # overshoot just as for the eager check. Each round compiles the model
-# once more (tens of seconds on a large model). Without a GPU nothing is measured and the plan is
+# once more (tens of seconds on a large model), from a reset compiler (`torch.compiler.reset`):
+# every judged plan wraps other modules, which fails the guards of the code compiled before it, and
+# after 8 recompilations of one function (Dynamo's `recompile_limit`) Dynamo stops compiling it and
+# runs it eagerly -- the model's forward among them, with its blocks compiled one by one. With up to
+# 11 plans judged per call (rounds, slack rounds, uniform plans), the last ones were measured that
+# way: basenji's plan under bf16 autocast, the model compiled as it is, measured 23.0 ms in the
+# benchmark that compiled it after optimize_, and 14.0 ms from a reset compiler (H200). That reset
+# also drops whatever the caller compiled before calling optimize_. Without a GPU nothing is measured and the plan is
 # judged by the eager estimate, as the plan's explanation says. Offload, chunk and bf16 saved
 # tensors act through saved-tensor hooks and autograd Functions that step aside in compiled code
 # (they would save nothing there), so compiled plans choose among keep, selective, checkpoint and
@@ -69,10 +76,10 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # a plan is judged by the allocated peak plus every byte the pools reserve (the benchmarks' rule;
 # it counts the pool's static outputs twice, on the safe side).
 # Inductor's CUDA graph trees keep one pool per device for every graphed function of the process,
-# so each judged plan starts and ends with the trees reset (`torch.compiler.reset`, which drops the
-# compile caches with them: code compiled for a shut-down tree cannot run again): its pool is its
-# own, not the rounds' before it. That also drops whatever the caller compiled before calling
-# optimize_ (it compiles and records again on its next call).
+# so each judged plan starts with the trees reset (as every compiled plan does: NOTE [Plans for
+# compiled models]) and, in these modes, ends with them reset too (code compiled for a shut-down
+# tree cannot run again): its pool is its own, not the rounds' before it, and the caller compiles
+# and records again on its next call.
 """
 from __future__ import annotations
 
@@ -521,8 +528,7 @@ def _measure_compiled(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, s
     say("compiling the optimized model" + (f" (mode={mode})" if mode else "") + " and measuring its step")
     device = next(model.parameters()).device
     graphed = mode in _GRAPHED_MODES
-    if graphed:
-        _reset_compiler()
+    _reset_compiler()  # NOTE [Plans for compiled models]: no recompile limit reached by earlier rounds
     compiled = torch.compile(model, mode=mode)
     # compiles; CUDA graph trees warm up in the first call and record in the next
     step_seconds(compiled, inputs, loss_fn, repeats=_GRAPH_WARMUP if graphed else 1, warmup=0, autocast=autocast)
