@@ -26,16 +26,19 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # judge on a GPU is the measured peak of ``torch.compile(model)`` running the plan -- that alone:
 # the eager estimate of the optimized model describes another step, which the compiled one may
 # undercut by a third (hifigan, NOTE [Using the slack]) -- and the solver budget is lowered by the
-# overshoot just as for the eager check. Each round compiles the model
-# once more (tens of seconds on a large model), from a reset compiler (`torch.compiler.reset`):
-# every judged plan wraps other modules, which fails the guards of the code compiled before it, and
+# overshoot just as for the eager check. Each round compiles the model once more (tens of seconds
+# on a large model), from a reset compiler (`torch.compiler.reset`): every judged plan wraps other
+# modules, which fails the guards of the code compiled before it, and
 # after 8 recompilations of one function (Dynamo's `recompile_limit`) Dynamo stops compiling it and
-# runs it eagerly -- the model's forward among them, with its blocks compiled one by one. With up to
-# 11 plans judged per call (rounds, slack rounds, uniform plans), the last ones were measured that
-# way: basenji's plan under bf16 autocast, the model compiled as it is, measured 23.0 ms in the
-# benchmark that compiled it after optimize_, and 14.0 ms from a reset compiler (H200). That reset
-# also drops whatever the caller compiled before calling optimize_. Without a GPU nothing is measured and the plan is
-# judged by the eager estimate, as the plan's explanation says. Offload, chunk and bf16 saved
+# runs it eagerly (on the CPU, a compiled TCN given its 9th structure logs "hit
+# config.recompile_limit (8)" and captures nothing more). With up to 11 plans judged per call
+# (rounds, slack rounds, uniform plans), the late ones could be measured that way, and so could the
+# caller's own torch.compile afterwards: basenji's plan under bf16 autocast (the model compiled as it
+# is) measured 23.0 ms in the benchmark that compiled it after optimize_, and 15.4 ms (14.5 by the
+# planner's timing) from a reset compiler, on H200s. The reset also drops whatever the caller
+# compiled before calling optimize_, and makes every judgment a whole compilation. Without a GPU
+# nothing is measured and the plan is judged by the eager estimate, as the plan's explanation says.
+# Offload, chunk and bf16 saved
 # tensors act through saved-tensor hooks and autograd Functions that step aside in compiled code
 # (they would save nothing there), so compiled plans choose among keep, selective, checkpoint and
 # tile (tiling breaks the graph around its window planning and compiles the tiles).
