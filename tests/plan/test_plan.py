@@ -119,14 +119,17 @@ def _tcn_plans(base: Plan) -> Dict[str, List[PlanSegment]]:
         "chain tiled by sample": [seg(0, n, "tile", tile_length=200, batch_chunk=1)],
         "all offloaded": [seg(i, i + 1, "offload") for i in range(n)],
         "tiles": [seg(i, i + 1, "tile", tile_length=64 + 32 * i) for i in range(n)],
+        "runs and fused chains": [seg(0, 3, "checkpoint"), seg(3, 4, "fuse"), seg(4, 5, "selective"), seg(5, 6, "fuse"),
+                                  seg(6, 8, "checkpoint")],
     }
 
 
-_WRAPPER_OF = {"checkpoint": "Checkpointed", "selective": "Checkpointed", "tile": "Tiled", "offload": "Offloaded"}
+_WRAPPER_OF = {"checkpoint": "Checkpointed", "selective": "Checkpointed", "tile": "Tiled", "offload": "Offloaded",
+               "fuse": "FusedNormActConv"}
 
 
 @pytest.mark.parametrize("case", ["mixed", "one run", "single checkpoints", "runs and keeps", "chain tiled",
-                                  "chain tiled by sample", "all offloaded", "tiles"])
+                                  "chain tiled by sample", "all offloaded", "tiles", "runs and fused chains"])
 def test_every_option_applies_exactly(case):
     entry = small("tcn")
     base = optimize_(entry.model, *entry.inputs, budget=1.0, loss_fn=entry.loss_fn, measure=False)

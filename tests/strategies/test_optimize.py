@@ -8,6 +8,7 @@ statistics) must then equal the untouched model's (STYLE.md 3: relative error un
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Dict, Optional
 
@@ -20,11 +21,12 @@ from _compare import assert_same_step, twin
 from convmem import zoo
 from convmem._units import format_bytes
 from convmem.nn._wrapper import ModuleWrapper, wrapper_state
-from convmem.plan import Plan, apply_
+from convmem.plan import Plan, PlanSegment, apply_
 from convmem.plan.costs import OPTIONS, ChainCosts, chain_costs
+from convmem.profile.estimate import estimate_step
 from convmem.strategies.optimize import InfeasibleBudget, optimize_, parse_budget
 
-ALL = ("selective", "checkpoint", "tile", "offload")
+ALL = ("selective", "checkpoint", "tile", "offload", "fuse")
 # HiFi-GAN's small input is 4 mel frames: at full width its 14M parameters (in float64) outweigh
 # every activation and no option lowers the peak, so it is narrowed here until activations count.
 NARROW = {"hifigan": {"upsample_initial_channel": 64}}
@@ -88,6 +90,44 @@ def test_plan_keeps_every_number_of_a_training_step(name):
         assert convmem.restore_(entry.model) is entry.model
         assert module_types(entry.model) == types
         assert list(entry.model.state_dict()) == keys
+
+
+# ------------------------------------------------------------------ fused chains as an option
+@pytest.mark.parametrize("name, chained", [("resnet1d", 8), ("hifigan", 4), ("tcn", 16)])
+def test_fused_chains_are_an_option_of_the_blocks_that_have_them(name, chained):
+    # NOTE [Fused chains as an option]: blocks with [BatchNorm ->] activation -> Conv1d chains keep
+    # less fused; a plan fusing them is exact, and restore_ takes the wrappers off again.
+    entry = small(name)
+    costs = chain_costs(entry.model, entry.inputs, entry.loss_fn, ALL, measure_times=False)
+    fused = [it for it in costs.items if it.kept_fused is not None]
+    assert len(fused) == chained, [(it.name, it.kept_fused) for it in costs.items]
+    assert all(it.kept_fused < it.kept_keep for it in fused)
+    choices = [c for c in costs.problem(ALL).choices if c.option == "fuse"]
+    assert sorted(c.start for c in choices) == [costs.items.index(it) for it in fused]
+    assert not [c for c in costs.problem(("checkpoint",)).choices if c.option == "fuse"]
+
+    reference, types = twin(entry.model), module_types(entry.model)
+    base = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, measure=False, costs=costs)
+    assert not wrapper_state(entry.model)
+    segments = [PlanSegment(i, i + 1, "fuse" if it.kept_fused is not None else "keep") for i, it in enumerate(costs.items)]
+    apply_(entry.model, dataclasses.replace(base, segments=segments))
+    assert "FusedNormActConv" in set(wrapper_state(entry.model).values())
+    assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes < costs.eager_peak
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)  # statistics advance once a step
+    convmem.restore_(entry.model)
+    assert module_types(entry.model) == types
+
+
+def test_fused_chains_are_not_offered_under_autocast_or_torch_compile():
+    entry = small("resnet1d")
+    under_autocast = chain_costs(entry.model, entry.inputs, entry.loss_fn, ALL, autocast=torch.bfloat16,
+                                 measure_times=False)
+    assert all(it.kept_fused is None for it in under_autocast.items)  # the chains run unfused there
+    with pytest.warns(UserWarning, match="fuse do nothing under torch.compile"):
+        plan = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn,
+                         allow=("checkpoint", "fuse"), compiled=True, measure=False)
+    assert all(it.kept_fused is None for it in plan.costs.items)
+    assert not [c for c in plan.costs.problem(("checkpoint", "fuse")).choices if c.option == "fuse"]
 
 
 def test_plan_on_a_model_in_eval_mode_is_exact():

@@ -14,6 +14,16 @@
 # difference to the untouched step (shares by the bytes the block touches). Elsewhere a roofline
 # model stands in (`_RooflineTimes`), and the plan says its times are modelled.
 #
+# NOTE [Fused chains as an option]
+# A block whose forward runs [BatchNorm1d ->] activation -> Conv1d chains can keep only each chain's
+# first input (and the batch statistics) and rebuild the rest in backward, as `fuse_` does
+# (`convmem.nn.FusedNormActConv`, NOTE [Norm-activation-conv chains]): option "fuse", the block
+# otherwise kept. Its kept bytes come from the estimate with every such block fused; its working
+# bytes are taken as the untouched block's (its backward rebuilds one chain at a time: on the safe
+# side). The time it adds is measured as the other options' are, every chained block fused at once.
+# Eager fp32 only: under autocast the chains run unfused, and under torch.compile the partitioner
+# chooses what to recompute, so plans for either do not offer it.
+#
 # NOTE [Modules beside the blocks]
 # The blocks (NOTE [Repeated blocks]) are what a user would checkpoint by hand, and what the
 # harness's `torch.utils.checkpoint` anchor wraps; a model also keeps activations outside them. A
@@ -51,11 +61,12 @@ from ..profile.recorder import ModuleCall, inclusive_kept
 from ..profile.step import LossFn
 from ..strategies._blocks import find_blocks, find_chain, is_plain_sequential
 from ..strategies._common import swap_modules
+from ..strategies.fuse import chain_wrappers
 from .solver import ChainProblem, Choice, peak_of
 
-__all__ = ["ItemCost", "ChainCosts", "chain_costs", "chain_span", "OPTIONS"]
+__all__ = ["ItemCost", "ChainCosts", "chain_costs", "chain_span", "fused_chains", "OPTIONS"]
 
-OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk")
+OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk", "fuse")
 LOSSY_OPTIONS = ("bf16",)  # saved activations in bfloat16: nn/saved_precision.py, only with lossy=True
 _TILE_FRACTIONS = (2, 4, 8, 16, 32)  # candidate tile lengths: the input length over these
 _MIN_TILE = 256
@@ -81,6 +92,7 @@ class ItemCost:
     chunkable: bool = False  # NOTE [Batch-chunked recompute]: treats samples independently
     gradient_correction: int = 0  # NOTE [Measured option costs]: fitted to the all-checkpointed estimate
     alive: Dict[str, int] = dataclasses.field(default_factory=dict)  # option -> bytes left alive to forward's end
+    kept_fused: Optional[int] = None  # NOTE [Fused chains as an option]; None: no chain in the block
 
     @property
     def gradients(self) -> int:
@@ -137,6 +149,8 @@ class ChainCosts:
                 choices.append(Choice(i, i + 1, "chunk", b(it.kept_checkpoint), b(working),
                                       it.extra_s.get("chunk", it.extra_s.get("checkpoint", 0.0)) * f,
                                       alive=b(it.alive.get("checkpoint", 0))))
+            if "fuse" in allow and it.kept_fused is not None:
+                choices.append(Choice(i, i + 1, "fuse", b(it.kept_fused), b(it.kept_keep + g), it.extra_s.get("fuse", 0.0) * f))
             if "bf16" in allow and it.kept_bf16 is not None:
                 choices.append(Choice(i, i + 1, "bf16", b(it.kept_bf16), b(it.kept_keep + g), it.extra_s.get("bf16", 0.0) * f))
             if "offload" in allow and "offload" in it.extra_s:
@@ -230,6 +244,13 @@ def _beside_blocks(model: nn.Module, names: Sequence[str], calls: Dict[str, Modu
                 continue
             found.append(full)
     return found
+
+
+def fused_chains(model: nn.Module, name: str) -> Dict[str, nn.Module]:
+    """The `FusedNormActConv` wrappers that fuse the chains of block `name`, by their names in
+    `model`; empty when it has none (NOTE [Fused chains as an option])."""
+    wrappers = chain_wrappers(model.get_submodule(name), include_root=True)
+    return {f"{name}.{inner}" if inner else name: wrapper for inner, wrapper in wrappers.items()}
 
 
 def _forward_end(estimate) -> int:
@@ -374,6 +395,15 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
         est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, LowPrecisionSaved))
         if est is not None:
             kept_bf16 = _kept_by_forward_end(plain, est, calls, names)
+    kept_fused: Dict[str, int] = {}
+    chained = [n for n in names if fused_chains(model, n)] if "fuse" in allow and autocast is None else []
+    if chained:
+        say("estimating fused activation chains")
+        est = _estimate_with(model, meta_inputs, loss_fn, autocast, lambda clone: swap_modules(
+            clone, {k: v for n in chained for k, v in fused_chains(clone, n).items()}))
+        if est is not None:
+            fused_calls = _first_calls(est.calls)
+            kept_fused = {n: inclusive_kept(fused_calls[n]) for n in chained if n in fused_calls}
     say("estimating checkpointing")
     est = _estimate_with(model, meta_inputs, loss_fn, autocast, _wrap_items(names, lambda m: Checkpointed(m, "full")))
     if est is None:
@@ -388,7 +418,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
             name=n, input_bytes=kept_ckpt.get(n, 0), output_bytes=call.output_bytes,
             largest_activation=max((_largest_output(c) for c in call.children), default=0),
             kept_keep=inclusive_kept(call), kept_selective=kept_sel.get(n), kept_checkpoint=kept_ckpt.get(n, 0),
-            forward_s=0.0, extra_s={}, length=_elem_length(call), kept_bf16=kept_bf16.get(n),
+            forward_s=0.0, extra_s={}, length=_elem_length(call), kept_bf16=kept_bf16.get(n), kept_fused=kept_fused.get(n),
             chunkable="chunk" in allow and coupling_module(model.get_submodule(n)) is None,
         ))
 
@@ -489,6 +519,7 @@ def _roofline_times(costs: ChainCosts, allow: Sequence[str]) -> None:
         it.forward_s = f
         it.extra_s["checkpoint"] = f
         it.extra_s["selective"] = _SELECTIVE_SHARE * f
+        it.extra_s["fuse"] = _SELECTIVE_SHARE * f  # the chains' norms and activations again, in backward
         it.extra_s["bf16"] = 3 * it.kept_keep / _HBM_BYTES_PER_S  # cast down in forward, up in backward
         it.extra_s["chunk"] = f + costs.batch * _WINDOW_S
         it.extra_s["offload"] = max(0.0, 2 * it.kept_keep / _PCIE_BYTES_PER_S - 3 * f) + 1e-4
@@ -549,6 +580,10 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
     if "chunk" in allow and chunked and costs.batch > 1:
         charge("chunk", timed("batch-chunked recompute", {it.name: BatchChunked(model.get_submodule(it.name), 1)
                                                           for it in chunked}), chunked)
+    fused = [it for it in costs.items if it.kept_fused is not None]
+    if "fuse" in allow and fused:
+        charge("fuse", timed("fused activation chains", {k: v for it in fused for k, v in fused_chains(model, it.name).items()}),
+               fused)
     if "bf16" in allow and any(it.kept_bf16 is not None for it in costs.items):
         charge("bf16", timed("bfloat16 saved tensors", {n: LowPrecisionSaved(model.get_submodule(n)) for n in names}),
                costs.items)

@@ -26,7 +26,7 @@ from ..nn.checkpointed import Checkpointed
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..strategies._common import swap_modules
-from .costs import ChainCosts, chain_span
+from .costs import ChainCosts, chain_span, fused_chains
 from .solver import Choice
 
 __all__ = ["Plan", "PlanSegment", "apply_", "structure_of"]
@@ -251,6 +251,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
                 replacements[name] = Tiled(module, seg.tile_length, name=name)
             elif seg.option == "chunk":
                 replacements[name] = BatchChunked(module, 1)
+            elif seg.option == "fuse":
+                replacements.update(fused_chains(model, name))  # NOTE [Fused chains as an option]
             elif seg.option == "bf16":
                 replacements[name] = LowPrecisionSaved(module)
             elif seg.option == "offload":

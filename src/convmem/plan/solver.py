@@ -43,7 +43,7 @@ __all__ = ["Choice", "ChainProblem", "Solution", "solve", "min_peak", "brute_for
 _GRAIN_STEPS = 4096
 
 # Options on one item only; the others ("checkpoint", "tile") may span several consecutive items.
-SINGLE_ITEM_OPTIONS = ("keep", "selective", "offload")
+SINGLE_ITEM_OPTIONS = ("keep", "selective", "offload", "chunk", "bf16", "fuse")
 
 
 @dataclasses.dataclass(frozen=True)

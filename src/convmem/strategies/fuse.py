@@ -64,7 +64,7 @@ from ._common import (
     warn_skipped,
 )
 
-__all__ = ["FuseConfig", "fuse_"]
+__all__ = ["FuseConfig", "fuse_", "chain_wrappers"]
 
 _STRATEGY = "fuse_"
 
@@ -207,25 +207,35 @@ def _conv_filter(filter_fn: Optional[FilterFn], block: nn.Module, prefix: str) -
     """`filter_fn` asked about a conv of `block` by its name in `block` (`block` is `prefix` in the model)."""
     if filter_fn is None:
         return None
-    return lambda conv_name: bool(filter_fn(block.get_submodule(conv_name), f"{prefix}.{conv_name}"))
+    return lambda conv_name: bool(filter_fn(block.get_submodule(conv_name), f"{prefix}.{conv_name}" if prefix else conv_name))
 
 
-def _fuse_chains(model: nn.Module, filter_fn: Optional[FilterFn]) -> Set[str]:
-    """Wrap every block with fusable chains (NOTE [Which blocks get fused chains]); the names of the
-    convs fused, as they were before (NOTE [Wrappers keep the state_dict]: without ``wrapped.``)."""
+def chain_wrappers(model: nn.Module, filter_fn: Optional[FilterFn] = None,
+                   include_root: bool = False) -> Dict[str, FusedNormActConv]:
+    """A `FusedNormActConv` for every outermost module of `model` with fusable chains, by name
+    (NOTE [Which blocks get fused chains]); nothing is swapped. With `include_root` `model` itself
+    is tried too, under the name ``""`` (`convmem.optimize_` fuses the chains of one block)."""
     aliases = module_aliases(model)
     inside_wrappers = [n for n, m in model.named_modules() if n and isinstance(m, ModuleWrapper)]
-    found: Dict[str, nn.Module] = {}
+    found: Dict[str, FusedNormActConv] = {}
     for name, module in model.named_modules():
-        if not name or not _chain_candidate(module) or len(aliases[id(module)]) != 1:
+        if (not name and not include_root) or not _chain_candidate(module) or len(aliases[id(module)]) != 1:
             continue
-        if any(name.startswith(w + ".") for w in inside_wrappers):
+        if name and any(name.startswith(w + ".") for w in inside_wrappers):
             continue
         try:
             found[name] = FusedNormActConv(module, _conv_filter(filter_fn, module, name))
         except NoChainError:
             continue  # most modules have none
-    outermost = {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+    if "" in found:
+        return {"": found[""]}
+    return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+
+
+def _fuse_chains(model: nn.Module, filter_fn: Optional[FilterFn]) -> Set[str]:
+    """Wrap every block with fusable chains (NOTE [Which blocks get fused chains]); the names of the
+    convs fused, as they were before (NOTE [Wrappers keep the state_dict]: without ``wrapped.``)."""
+    outermost = chain_wrappers(model, filter_fn)
     swap_modules(model, outermost)
     return {f"{name}.{conv}" for name, block in outermost.items() for conv in block.convs}
 

@@ -38,7 +38,7 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # planner's timing) from a reset compiler, on H200s. The reset also drops whatever the caller
 # compiled before calling optimize_, and makes every judgment a whole compilation. Without a GPU
 # nothing is measured and the plan is judged by the eager estimate, as the plan's explanation says.
-# Offload, chunk and bf16 saved
+# Offload, chunk, fused chains and bf16 saved
 # tensors act through saved-tensor hooks and autograd Functions that step aside in compiled code
 # (they would save nothing there), so compiled plans choose among keep, selective, checkpoint and
 # tile (tiling breaks the graph around its window planning and compiles the tiles).
@@ -120,7 +120,7 @@ _GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA gra
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
 
 # Options whose wrappers step aside under torch.compile: NOTE [Plans for compiled models].
-_EAGER_ONLY = ("offload", "chunk")
+_EAGER_ONLY = ("offload", "chunk", "fuse")
 Budget = Union[int, float, str]
 
 
@@ -139,7 +139,7 @@ class InfeasibleBudget(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig(ConfigDict):
     """``allow``: the options the planner may use, a subset of ("selective", "checkpoint", "tile",
-    "offload", "chunk"); "keep" is always allowed."""
+    "offload", "chunk", "fuse"); "keep" is always allowed."""
 
     allow: Tuple[str, ...] = OPTIONS
     lossy: bool = False
