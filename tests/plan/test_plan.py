@@ -241,6 +241,24 @@ def test_modules_beside_the_blocks_are_planned_and_apply_exactly(listed, case):
     assert_same_step(reference, model, (x,), None)
 
 
+class _Shift(nn.Module):
+    """A block that keeps nothing for backward (an addition)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(width, 1))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+def test_blocks_that_keep_nothing_give_no_measure_for_modules_beside_them():
+    model = nn.Sequential(nn.Sequential(_Shift(4), _Shift(4)), nn.Conv1d(4, 4, 3, padding=1)).double()
+    x = torch.randn(2, 4, 32, dtype=torch.float64)
+    costs = chain_costs(model, (x,), None, ALL, measure_times=False)
+    assert [it.name for it in costs.items] == ["0.0", "0.1"] and all(it.kept_keep == 0 for it in costs.items)
+
+
 @pytest.mark.parametrize("case", ["stem and one run", "stem and runs", "stem selective, singles"])
 def test_plans_with_the_stem_beside_the_chain_apply_exactly(case):
     entry = small("resnet1d")
