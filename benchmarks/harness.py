@@ -52,6 +52,13 @@ def commit() -> str:
         return os.environ.get("CONVMEM_COMMIT", "unknown")
 
 
+def row_base(bench: str, size: str) -> Dict[str, str]:
+    """The columns every row of one bench run shares: which bench, what size, on what, at which commit."""
+    env = environment()
+    return {"bench": bench, "size": size, "device": env["device"], "torch": env["torch"], "cuda": env["cuda"],
+            "commit": commit()}
+
+
 def free_between_rows() -> None:
     """What one row compiled, captured and allocated, given back before the next row is measured."""
     torch._dynamo.reset()  # first: it drops CUDA graph trees, whose pools empty_cache can then give back
@@ -124,9 +131,7 @@ def run(
         raise TimeoutError(f"row ran over {row_timeout_s} s")
 
     signal.signal(signal.SIGALRM, _timeout)
-    env = environment()
-    base = {"bench": bench, "size": size, "device": env["device"], "torch": env["torch"], "cuda": env["cuda"],
-            "commit": commit()}
+    base = row_base(bench, size)
     rows = []
     began = time.time()
     os.makedirs(os.path.dirname(out_csv) or ".", exist_ok=True)

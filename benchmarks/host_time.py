@@ -111,9 +111,7 @@ def main() -> int:
     p.add_argument("--model", default="tcn")
     p.add_argument("--models", default="resnet1d,basenji,hifigan,conformer_conv,tcn")
     args = p.parse_args()
-    env = harness.environment()
-    base = {"bench": f"host_time_{args.what}", "size": "default", "device": env["device"], "torch": env["torch"],
-            "cuda": env["cuda"], "commit": harness.commit()}
+    base = harness.row_base(f"host_time_{args.what}", "default")
     if args.what == "lengths":
         lengths(base, args.model)
     else:

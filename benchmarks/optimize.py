@@ -51,7 +51,6 @@ from strategies import Prepared  # noqa: E402
 
 from convmem import InfeasibleBudget, optimize_, zoo  # noqa: E402
 from convmem.plan.costs import OPTIONS  # noqa: E402
-from convmem.cli import environment  # noqa: E402
 
 COMPILE_OPTIONS = ("selective", "checkpoint")
 FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
@@ -239,9 +238,7 @@ def main(argv=None):
         raise TimeoutError(f"row ran over {args.row_timeout_s} s")
 
     signal.signal(signal.SIGALRM, _timeout)
-    env = environment()
-    base = {"bench": "optimize", "size": args.size, "device": env["device"], "torch": env["torch"],
-            "cuda": env["cuda"], "commit": harness.commit()}
+    base = harness.row_base("optimize", args.size)
     out_csv = os.path.join(args.out_dir, "optimize.csv")
     os.makedirs(args.out_dir, exist_ok=True)
     deadline = time.time() + args.budget_s

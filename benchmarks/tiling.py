@@ -29,10 +29,8 @@ DEVICE = torch.device("cuda")
 
 
 def base_row(bench: str, model: str, strategy: str) -> dict:
-    env = harness.environment()
-    return {"bench": bench, "model": model, "strategy": strategy, "size": "custom", "device": env["device"],
-            "torch": env["torch"], "cuda": env["cuda"], "commit": harness.commit(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return dict(harness.row_base(bench, "custom"), model=model, strategy=strategy,
+                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def train_step_peak(model, inputs, loss_fn) -> tuple:
