@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -190,3 +191,12 @@ def test_optimize_compile_flag_plans_for_a_compiled_model(capsys, monkeypatch):
                          "--compile", "reduce-overhead", "--device", "meta", "--no-verify")
     assert code == 0, err
     assert seen["compiled"] == "reduce-overhead"
+    # the default --allow: the eager-only options are dropped without a word; named, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(capsys, "optimize", "zoo:tcn", "--budget", "0.5", "--compile", "--device", "meta",
+                             "--no-verify")
+    assert code == 0, err
+    with pytest.warns(UserWarning, match="fuse do nothing under torch.compile"):
+        run(capsys, "optimize", "zoo:tcn", "--budget", "0.5", "--allow", "checkpoint,fuse", "--compile", "--device",
+            "meta", "--no-verify")
