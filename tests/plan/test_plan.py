@@ -237,7 +237,8 @@ def test_modules_beside_the_blocks_are_planned_and_apply_exactly(listed, case):
     plan = Plan.from_json(dataclasses.replace(base, segments=segments).to_json())
     apply_(model, plan)
     wrapped = wrapper_state(model)
-    assert ("stem" in wrapped, "head" in wrapped) == (segments[0].option != "keep", segments[-1].option != "keep"), wrapped
+    ends = (segments[0].option != "keep", segments[-1].option != "keep")
+    assert ("stem" in wrapped, "head" in wrapped) == ends, wrapped
     assert_same_step(reference, model, (x,), None)
 
 
@@ -267,7 +268,8 @@ def test_plans_with_the_stem_beside_the_chain_apply_exactly(case):
     n, seg = len(base.items), PlanSegment
     segments = {
         "stem and one run": [seg(0, 1, "checkpoint"), seg(1, n, "checkpoint")],
-        "stem and runs": [seg(0, 1, "checkpoint"), seg(1, 3, "checkpoint"), seg(3, 4, "offload"), seg(4, n, "checkpoint")],
+        "stem and runs": [seg(0, 1, "checkpoint"), seg(1, 3, "checkpoint"), seg(3, 4, "offload"),
+                          seg(4, n, "checkpoint")],
         "stem selective, singles": [seg(0, 1, "selective")] + [seg(i, i + 1, "checkpoint") for i in range(1, n)],
     }[case]
     plan = Plan.from_json(dataclasses.replace(base, segments=segments).to_json())

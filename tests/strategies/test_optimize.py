@@ -109,7 +109,8 @@ def test_fused_chains_are_an_option_of_the_blocks_that_have_them(name, chained):
     reference, types = twin(entry.model), module_types(entry.model)
     base = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, measure=False, costs=costs)
     assert not wrapper_state(entry.model)
-    segments = [PlanSegment(i, i + 1, "fuse" if it.kept_fused is not None else "keep") for i, it in enumerate(costs.items)]
+    segments = [PlanSegment(i, i + 1, "fuse" if it.kept_fused is not None else "keep")
+                for i, it in enumerate(costs.items)]
     apply_(entry.model, dataclasses.replace(base, segments=segments))
     assert "FusedNormActConv" in set(wrapper_state(entry.model).values())
     assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes < costs.eager_peak

@@ -151,7 +151,8 @@ class ChainCosts:
                                       it.extra_s.get("chunk", it.extra_s.get("checkpoint", 0.0)) * f,
                                       alive=b(it.alive.get("checkpoint", 0))))
             if "fuse" in allow and it.kept_fused is not None:
-                choices.append(Choice(i, i + 1, "fuse", b(it.kept_fused), b(it.kept_keep + g), it.extra_s.get("fuse", 0.0) * f))
+                choices.append(Choice(i, i + 1, "fuse", b(it.kept_fused), b(it.kept_keep + g),
+                                      it.extra_s.get("fuse", 0.0) * f))
             if "bf16" in allow and it.kept_bf16 is not None:
                 choices.append(Choice(i, i + 1, "bf16", b(it.kept_bf16), b(it.kept_keep + g), it.extra_s.get("bf16", 0.0) * f))
             if "offload" in allow and "offload" in it.extra_s:
@@ -421,7 +422,8 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
             name=n, input_bytes=kept_ckpt.get(n, 0), output_bytes=call.output_bytes,
             largest_activation=max((_largest_output(c) for c in call.children), default=0),
             kept_keep=inclusive_kept(call), kept_selective=kept_sel.get(n), kept_checkpoint=kept_ckpt.get(n, 0),
-            forward_s=0.0, extra_s={}, length=_elem_length(call), kept_bf16=kept_bf16.get(n), kept_fused=kept_fused.get(n),
+            forward_s=0.0, extra_s={}, length=_elem_length(call), kept_bf16=kept_bf16.get(n),
+            kept_fused=kept_fused.get(n),
             chunkable="chunk" in allow and coupling_module(model.get_submodule(n)) is None,
         ))
 
@@ -585,8 +587,8 @@ def _measured_times(model: nn.Module, inputs, loss_fn, allow, costs: ChainCosts,
                                                           for it in chunked}), chunked)
     fused = [it for it in costs.items if it.kept_fused is not None]
     if "fuse" in allow and fused:
-        charge("fuse", timed("fused activation chains", {k: v for it in fused for k, v in fused_chains(model, it.name).items()}),
-               fused)
+        wrappers = {k: v for it in fused for k, v in fused_chains(model, it.name).items()}
+        charge("fuse", timed("fused activation chains", wrappers), fused)
     if "bf16" in allow and any(it.kept_bf16 is not None for it in costs.items):
         charge("bf16", timed("bfloat16 saved tensors", {n: LowPrecisionSaved(model.get_submodule(n)) for n in names}),
                costs.items)

@@ -231,7 +231,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     group = None
     multi = any(seg.stop - seg.start > 1 for seg in plan.segments)
     first, last = chain_span(plan.items, plan.chain)
-    inside = [seg for seg in plan.segments if first <= seg.start < last]  # the chain's (NOTE [Modules beside the blocks])
+    # the chain's segments; the modules beside it take theirs one by one (NOTE [Modules beside the blocks])
+    inside = [seg for seg in plan.segments if first <= seg.start < last]
     for seg in plan.segments:
         names = plan.items[seg.start:seg.stop]
         if seg.option == "tile" and len(names) > 1:

@@ -207,7 +207,8 @@ def _conv_filter(filter_fn: Optional[FilterFn], block: nn.Module, prefix: str) -
     """`filter_fn` asked about a conv of `block` by its name in `block` (`block` is `prefix` in the model)."""
     if filter_fn is None:
         return None
-    return lambda conv_name: bool(filter_fn(block.get_submodule(conv_name), f"{prefix}.{conv_name}" if prefix else conv_name))
+    return lambda conv_name: bool(filter_fn(block.get_submodule(conv_name),
+                                            f"{prefix}.{conv_name}" if prefix else conv_name))
 
 
 def chain_wrappers(model: nn.Module, filter_fn: Optional[FilterFn] = None,
