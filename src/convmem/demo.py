@@ -184,7 +184,8 @@ def plot_plan(plan: Plan, path: str, title: Optional[str] = None) -> str:
     scale = plan.costs.scale(plan.length) if plan.costs is not None else 1.0
     before = [by_item[name].kept_keep * scale / mib if name in by_item else 0.0 for name in plan.items]
     after = [0.0] * n
-    colors = {"keep": "#8c8c8c", "selective": "#55A868", "checkpoint": "#4C72B0", "tile": "#C44E52", "offload": "#8172B3"}
+    colors = {"keep": "#8c8c8c", "selective": "#55A868", "checkpoint": "#4C72B0", "tile": "#C44E52", "offload": "#8172B3",
+              "chunk": "#937860", "fuse": "#DD8452", "bf16": "#DA8BC3"}
     positions = list(range(n))
     if by_item:
         left.bar([p - 0.2 for p in positions], before, width=0.4, color="#DD8452", label="untouched")
