@@ -25,7 +25,7 @@ from convmem.nn._wrapper import wrapper_state
 from convmem.plan import ChainCosts, Plan, PlanSegment, apply_, chain_costs
 from convmem.strategies.optimize import InfeasibleBudget, optimize_
 
-ALL = ("selective", "checkpoint", "tile", "offload")
+ALL = ("selective", "checkpoint", "tile", "offload", "fuse")
 # Narrow widths: planning and a float64 step on the CPU in a fraction of a second each.
 NARROW = {
     "tcn": {"channels": 16, "num_blocks": 8},
