@@ -21,8 +21,8 @@ Per model, in one process on one card:
 4. plans under bf16 autocast (``--bf16``, shares of the eager fp32 peak) and plans run under
    torch.compile (``--compiled``; only the options compile traces: selective, checkpoint), judged by
    the compiled step's measured peak (``optimize_(..., compiled=True)``; with ``--compile-mode
-   reduce-overhead`` every compiled row is planned, judged and run in that mode, CUDA graphs' pool
-   counted).
+   reduce-overhead`` or ``max-autotune-no-cudagraphs`` every compiled row is planned, judged and run
+   in that mode, CUDA graphs' pool counted).
 
 The planner's option costs are taken once per model and regime (its own timing on this card) and
 reused for every budget (``costs=``). Rows go to OUT_DIR/optimize.csv with a ``regime`` column
@@ -210,9 +210,9 @@ def main(argv=None):
                         help="anchors to plan at with the plan under torch.compile, in the anchor's precision")
     parser.add_argument("--bf16", default="", help="shares of the eager fp32 peak, planned under bf16 autocast")
     parser.add_argument("--compiled", default="", help="shares of the eager fp32 peak, planned for torch.compile")
-    parser.add_argument("--compile-mode", choices=("reduce-overhead",),
-                        help="plan and run the compiled rows in this torch.compile mode (CUDA graphs: the "
-                             "pool counts in the peak); their names end in _reduce_overhead")
+    parser.add_argument("--compile-mode", choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="plan and run the compiled rows in this torch.compile mode (reduce-overhead: CUDA "
+                             "graphs, the pool counts in the peak); their names end in the mode's name")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the plan at the smallest feasible budget (run when some budget is infeasible)")
