@@ -148,11 +148,9 @@ def parse_allow(text: str) -> Tuple[str, ...]:
 
     allow = tuple(part.strip() for part in text.split(",") if part.strip())
     try:
-        allow = OptimizeConfig(allow=allow).allow
+        return OptimizeConfig(allow=allow).allow
     except (TypeError, ValueError) as error:
         raise UsageError(f"--allow {text!r}: {str(error).replace('optimize_: ', '')}") from None
-    # the default itself: optimize_ then drops the eager-only options under --compile without a warning
-    return OPTIONS if allow == OPTIONS else allow
 
 
 def parse_budget_arg(text: str):

@@ -28,20 +28,20 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # undercut by a third (hifigan, NOTE [Using the slack]) -- and the solver budget is lowered by the
 # overshoot just as for the eager check. Each round compiles the model once more (tens of seconds
 # on a large model), from a reset compiler (`torch.compiler.reset`): every judged plan wraps other
-# modules, which fails the guards of the code compiled before it, and
-# after 8 recompilations of one function (Dynamo's `recompile_limit`) Dynamo stops compiling it and
-# runs it eagerly (on the CPU, a compiled TCN given its 9th structure logs "hit
-# config.recompile_limit (8)" and captures nothing more). With up to 11 plans judged per call
+# modules, which fails the guards of the code compiled before it, and after 8 recompilations of
+# one function (Dynamo's `recompile_limit`) Dynamo stops compiling it and runs it eagerly (on the
+# CPU, a compiled TCN given its 9th structure logs "hit config.recompile_limit (8)" and captures
+# nothing more). With up to 11 plans judged per call
 # (rounds, slack rounds, uniform plans), the late ones could be measured that way, and so could the
 # caller's own torch.compile afterwards: basenji's plan under bf16 autocast (the model compiled as it
 # is) measured 23.0 ms in the benchmark that compiled it after optimize_, and 15.4 ms (14.5 by the
 # planner's timing) from a reset compiler, on H200s. The reset also drops whatever the caller
 # compiled before calling optimize_, and makes every judgment a whole compilation. Without a GPU
 # nothing is measured and the plan is judged by the eager estimate, as the plan's explanation says.
-# Offload, chunk, fused chains and bf16 saved
-# tensors act through saved-tensor hooks and autograd Functions that step aside in compiled code
-# (they would save nothing there), so compiled plans choose among keep, selective, checkpoint and
-# tile (tiling breaks the graph around its window planning and compiles the tiles).
+# Offload, chunk, fused chains and bf16 saved tensors act through saved-tensor hooks and autograd
+# Functions that step aside in compiled code (they would save nothing there), so compiled plans
+# choose among keep, selective, checkpoint and tile (tiling breaks the graph around its window
+# planning and compiles the tiles).
 #
 # NOTE [Using the slack]
 # The cost model can also overstate what a plan holds, most under torch.compile, whose partitioner
@@ -261,7 +261,7 @@ def optimize_(
                              "hooks, which torch.compile does not run; plan compiled training with lossy=False "
                              "(or train under torch.autocast)")
         dropped = [a for a in config.allow if a in _EAGER_ONLY]
-        if dropped and allow is not OPTIONS:
+        if dropped and config.allow != OPTIONS:  # named by the caller, not the default
             warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} do nothing under torch.compile (they act in eager "
                           "mode only); planning the compiled model without them", stacklevel=2)
         config = OptimizeConfig(allow=tuple(a for a in config.allow if a not in _EAGER_ONLY), lossy=False)
@@ -546,8 +546,8 @@ def _measure_compiled(model: nn.Module, inputs, loss_fn, autocast, plan: Plan, s
 
 
 def _reset_compiler() -> None:
-    """Drop every CUDA graph tree, and the compiled code, and give the pools' memory back
-    (NOTE [Plans for CUDA graphs]).
+    """Drop the compiled code and every CUDA graph tree, and give the pools' memory back (NOTE [Plans
+    for compiled models], NOTE [Plans for CUDA graphs]).
 
     Through `torch.compiler.reset`: compiled code cached for a shut-down tree fails if it runs again
     ("Running CUDAGraph after shutdown"), so the compile caches go with the trees.
