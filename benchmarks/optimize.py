@@ -160,7 +160,7 @@ def bench_model(name, args, base, out_csv, deadline):
             if compiled:
                 # from a reset compiler: optimize_'s judged plans used up Dynamo's recompile limit
                 # for this model's functions (NOTE [Plans for compiled models])
-                torch.compiler.reset()
+                harness.free_between_rows()
             forward = torch.compile(entry.model, mode=mode) if compiled else entry.model
             prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, autocast_dtype=autocast, forward=forward,
                                 warmup_steps=strategies.compile_warmup(mode))
