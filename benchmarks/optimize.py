@@ -169,6 +169,8 @@ def bench_model(name, args, base, out_csv, deadline):
             row["estimate_bytes"] = plan.estimated_peak_bytes
             row["estimate_error_pct"] = round((plan.estimated_peak_bytes - row["peak_bytes"]) / row["peak_bytes"] * 100, 2)
             labels = "+".join(f"{s.label}x{s.stop - s.start}" for s in plan.segments)
+            if plan.pools:  # NOTE [Compact max-pools in plans]
+                labels += f"; {len(plan.pools)} max-pools compact"
             row["note"] = (f"budget {budget} B; predicted {plan.predicted_peak_bytes} B, extra "
                            f"{plan.predicted_extra_s * 1e3:.1f} ms ({plan.times}); planned in {planned_s:.0f} s; {labels}")
             print(plan.explain(), flush=True)

@@ -71,8 +71,11 @@ def tiling_table() -> str:
 
 
 def _plan_text(note: str) -> str:
-    """'checkpointx1+checkpointx1+keepx1' -> 'checkpoint x2, keep': runs of one option grouped."""
-    tokens = note.split("; ")[-1].split("+")
+    """'checkpointx1+checkpointx1+keepx1' -> 'checkpoint x2, keep': runs of one option grouped; the
+    plan's compact max-pools ('; 7 max-pools compact') follow in brackets."""
+    fields = note.split("; ")
+    pools = next((f for f in fields if f.endswith("max-pools compact")), None)
+    tokens = [f for f in fields if f is not pools][-1].split("+")
     groups = []
     for token in tokens:
         label, _, count = token.rpartition("x")
@@ -87,7 +90,7 @@ def _plan_text(note: str) -> str:
     parts = []
     for (label, single), n in groups:
         parts.append(f"{label} x{n}" if single and n > 1 else label if single else f"{label} ({n} runs)" if n > 1 else f"{label} (run)")
-    return ", ".join(parts)
+    return ", ".join(parts) + (f" ({pools})" if pools else "")
 
 
 def optimize_table() -> str:

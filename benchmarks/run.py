@@ -49,6 +49,13 @@ BENCHES = {
         "convmem_checkpoint_selective": strategies.convmem_checkpoint("selective"),
         "convmem_fused_chains": strategies.convmem_fused_chains,
     }, ()),
+    # max-pools keeping int8 offsets in eager mode, against compile's default (Inductor lowers
+    # max-pools to offsets itself): NOTE [Compact max-pool] in nn/compact_pool.py
+    "compact_pools": ({
+        "eager_fp32": strategies.eager,
+        "convmem_compact_pools": strategies.convmem_compact_pools,
+        "compile_default": strategies.COMPILE_ANCHORS["compile_default"],
+    }, ("eager_fp32", "convmem_compact_pools")),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({
         "eager_fp32": strategies.eager,

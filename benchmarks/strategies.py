@@ -200,6 +200,18 @@ def convmem_fused_chains(entry) -> Optional[Prepared]:
     return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{chains} chains fused")
 
 
+def convmem_compact_pools(entry) -> Optional[Prepared]:
+    """Every max-pool with int8 window offsets (NOTE [Compact max-pool] in nn/compact_pool.py), nothing else."""
+    from convmem.nn.compact_pool import compact_pools
+    from convmem.strategies._common import swap_modules
+
+    pools = compact_pools(entry.model)
+    if not pools:
+        return None
+    swap_modules(entry.model, pools)
+    return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{len(pools)} max-pools compact")
+
+
 CONVMEM: Dict[str, Callable] = {
     "convmem_checkpoint_full": convmem_checkpoint("full"),
     "convmem_checkpoint_selective": convmem_checkpoint("selective"),

@@ -25,7 +25,7 @@ from convmem.nn._wrapper import wrapper_state
 from convmem.plan import ChainCosts, Plan, PlanSegment, apply_, chain_costs
 from convmem.strategies.optimize import InfeasibleBudget, optimize_
 
-ALL = ("selective", "checkpoint", "tile", "offload", "fuse")
+ALL = ("selective", "checkpoint", "tile", "offload", "fuse", "pool")
 # Narrow widths: planning and a float64 step on the CPU in a fraction of a second each.
 NARROW = {
     "tcn": {"channels": 16, "num_blocks": 8},
@@ -420,3 +420,50 @@ def test_from_dict_refuses_unknown_keys(tcn_plan):
     with pytest.raises(ValueError, match="budget"):
         Plan.from_dict(data)
     assert Plan.from_dict(tcn_plan.to_dict()) == tcn_plan
+
+
+# --------------------------------------------------------------- compact max-pools in plans
+def test_plans_run_the_max_pools_compactly_and_exactly():
+    """NOTE [Compact max-pools in plans]: Basenji's seven MaxPool(2) run with int8 offsets in a plan
+    that must save memory; two steps agree with the untouched model (BatchNorm statistics too), and
+    the plan travels to a fresh instance."""
+    entry = small("basenji")
+    reference = twin(entry.model)
+    untouched = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn).peak_bytes
+    plan = optimize_(entry.model, *entry.inputs, budget=int(untouched * 0.985), loss_fn=entry.loss_fn,
+                     allow=("checkpoint", "pool"), measure=False)
+    assert plan.pools == sorted(f"trunk.{i}.pool" for i in range(7))
+    assert plan.eager_peak_bytes == untouched  # budgets stay fractions of the untouched model
+    assert {n for n, kind in wrapper_state(entry.model).items() if kind == "CompactMaxPool1d"} == set(plan.pools)
+    assert "int8 window offsets" in plan.explain()
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
+
+    fresh = small("basenji")
+    apply_(fresh.model, Plan.from_json(plan.to_json()))
+    assert wrapper_state(fresh.model) == wrapper_state(entry.model)
+    convmem.restore_(fresh.model)
+    assert not wrapper_state(fresh.model)
+
+
+def test_a_budget_the_untouched_model_meets_leaves_the_pools_alone():
+    entry = small("basenji")
+    plan = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, measure=False)
+    assert plan.pools == [] and not wrapper_state(entry.model)
+    assert plan.costs.pools  # costed compact all the same
+    assert plan.predicted_peak_bytes == plan.eager_peak_bytes
+
+
+def test_pools_refused_where_the_model_differs_or_the_costs_do_not_match_allow():
+    entry = small("basenji")
+    untouched = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn).peak_bytes
+    plan = optimize_(entry.model, *entry.inputs, budget=int(untouched * 0.985), loss_fn=entry.loss_fn,
+                     allow=("checkpoint", "pool"), measure=False)
+    other = small("basenji")
+    other.model.trunk[3].pool.return_indices = True
+    with pytest.raises(ValueError, match=r"'trunk.3.pool' compactly; here it is return_indices=True"):
+        apply_(other.model, plan)
+    assert not wrapper_state(other.model)
+    convmem.restore_(entry.model)
+    with pytest.raises(ValueError, match="allow 'pool'"):
+        optimize_(entry.model, *entry.inputs, budget=int(untouched * 0.985), loss_fn=entry.loss_fn,
+                  allow=("checkpoint",), costs=plan.costs, measure=False)

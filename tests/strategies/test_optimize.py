@@ -26,7 +26,7 @@ from convmem.plan.costs import OPTIONS, ChainCosts, chain_costs
 from convmem.profile.estimate import estimate_step
 from convmem.strategies.optimize import InfeasibleBudget, optimize_, parse_budget
 
-ALL = ("selective", "checkpoint", "tile", "offload", "fuse")
+ALL = ("selective", "checkpoint", "tile", "offload", "fuse", "pool")
 # HiFi-GAN's small input is 4 mel frames: at full width its 14M parameters (in float64) outweigh
 # every activation and no option lowers the peak, so it is narrowed here until activations count.
 NARROW = {"hifigan": {"upsample_initial_channel": 64}}

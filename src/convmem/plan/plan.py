@@ -23,6 +23,7 @@ from .._units import format_bytes
 from ..nn._wrapper import ModuleWrapper
 from ..nn.batch_chunked import BatchChunked
 from ..nn.checkpointed import Checkpointed
+from ..nn.compact_pool import CompactMaxPool1d, compact_pool_reason
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..strategies._common import swap_modules
@@ -82,6 +83,7 @@ class Plan:
     times: str = "modelled"
     structure: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     costs: Optional[ChainCosts] = None
+    pools: List[str] = dataclasses.field(default_factory=list)  # run compact: NOTE [Compact max-pools in plans]
 
     # ------------------------------------------------------------------ what it says
     def explain(self) -> str:
@@ -103,6 +105,9 @@ class Plan:
         lines.append(f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (untouched: "
                      f"{format_bytes(self.eager_peak_bytes)}); predicted extra time {self.predicted_extra_s * 1e3:.2f} ms "
                      f"({self.times})")
+        if self.pools:
+            shown = ", ".join(self.pools[:4]) + (f" and {len(self.pools) - 4} more" if len(self.pools) > 4 else "")
+            lines.append(f"  max-pools keeping int8 window offsets instead of their input and int64 indices: {shown}")
         if self.estimated_peak_bytes is not None:
             lines.append(f"  estimate of the optimized model (convmem.profile): {format_bytes(self.estimated_peak_bytes)}")
         if any(s.option == "bf16" for s in self.segments):
@@ -200,6 +205,15 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
         have = len(model.get_submodule(plan.chain))
         if have != expected:
             raise ValueError(f"apply_: {plan.chain!r} has {have} items here, the plan was made for {expected}")
+    for name in plan.pools:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"apply_: this plan runs a max-pool {name!r} compactly; {type(model).__name__} "
+                             "has no module of that name") from None
+        reason = compact_pool_reason(module)
+        if reason is not None:
+            raise ValueError(f"apply_: this plan runs the max-pool {name!r} compactly; here it is {reason}")
     planned = {name for name, _ in plan.structure}
     for name, cls in structure_of(model, plan.items, plan.chain):
         if name not in planned:
@@ -227,6 +241,7 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     if not isinstance(plan, Plan):
         raise TypeError(f"apply_: plan must be a convmem Plan (Plan.from_dict reads a saved one), got {type(plan).__name__}")
     _check_structure(model, plan)
+    undo_pools = swap_modules(model, {name: CompactMaxPool1d(model.get_submodule(name)) for name in plan.pools})
     replacements: Dict[str, nn.Module] = {}
     group = None
     multi = any(seg.stop - seg.start > 1 for seg in plan.segments)
@@ -262,7 +277,12 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
                 replacements[name] = Offloaded(module, group=group)
             else:
                 raise ValueError(f"apply_: unknown option {seg.option!r} in the plan")
-    undo = swap_modules(model, replacements)
+    undo_blocks = swap_modules(model, replacements)
+
+    def undo() -> None:
+        undo_blocks()
+        undo_pools()
+
     try:
         if multi and inside:
             seq = model.get_submodule(plan.chain)

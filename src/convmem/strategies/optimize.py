@@ -120,7 +120,7 @@ _GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA gra
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
 
 # Options whose wrappers step aside under torch.compile: NOTE [Plans for compiled models].
-_EAGER_ONLY = ("offload", "chunk", "fuse")
+_EAGER_ONLY = ("offload", "chunk", "fuse", "pool")
 Budget = Union[int, float, str]
 
 
@@ -139,7 +139,7 @@ class InfeasibleBudget(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig(ConfigDict):
     """``allow``: the options the planner may use, a subset of ("selective", "checkpoint", "tile",
-    "offload", "chunk", "fuse"); "keep" is always allowed."""
+    "offload", "chunk", "fuse", "pool"); "keep" is always allowed."""
 
     allow: Tuple[str, ...] = OPTIONS
     lossy: bool = False
@@ -211,7 +211,8 @@ def optimize_(
         budget: bytes (``4 * 2**30``), a size string (``"4GiB"``, ``"3.5GB"``), or a fraction of the
             untouched model's estimated peak (``0.25`` or ``"25%"``).
         loss_fn: ``loss_fn(output) -> scalar``; default: mean of squares of the outputs.
-        allow: options the planner may use; "keep" always is.
+        allow: options the planner may use; "keep" always is. "pool" is not per block: it runs
+            every max-pool with int8 window offsets (NOTE [Compact max-pools in plans]).
         lossy: also allow keeping blocks' saved activations in bfloat16 ("bf16": outputs unchanged,
             gradients rounded; NOTE [Saved tensors in low precision]). The plan then reports the
             relative gradient error it causes on the example inputs (``plan.lossy_gradient_error``,
@@ -270,6 +271,9 @@ def optimize_(
 
     if costs is None:
         costs = chain_costs(model, inputs, loss_fn, allowed, autocast, measure_times=measure, progress=say)
+    if costs.pools and "pool" not in allowed:
+        raise ValueError(f"{_STRATEGY}: these costs were taken with the model's max-pools compact (option 'pool', "
+                         "NOTE [Compact max-pools in plans]); allow 'pool' or let optimize_ measure the costs again")
     if not costs.items:
         raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks]); "
                          "use convmem.checkpoint_(model, filter_fn=...) or convmem.tile_ on chosen modules instead")
@@ -284,12 +288,16 @@ def optimize_(
     measuring = here and measure is not False and _on_cuda(model, inputs)
 
     def make(solution) -> Plan:
+        # NOTE [Compact max-pools in plans]: a budget the untouched model meets leaves it untouched
+        untouched = eager_peak <= target and all(c.option == "keep" for c in solution.segments)
         return Plan(
             model=type(model).__name__, items=names, chain=costs.chain,
             segments=[PlanSegment.from_choice(c) for c in solution.segments], budget_bytes=target,
-            length=plan_length, predicted_peak_bytes=solution.peak, predicted_extra_s=solution.extra_s,
+            length=plan_length, predicted_peak_bytes=max(solution.peak, eager_peak) if untouched else solution.peak,
+            predicted_extra_s=solution.extra_s,
             eager_peak_bytes=eager_peak, times=costs.times, structure=structure, costs=costs,
             eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
+            pools=[] if untouched else list(costs.pools),
         )
 
     def judged(plan: Plan) -> int:

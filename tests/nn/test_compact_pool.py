@@ -1,0 +1,128 @@
+"""CompactMaxPool1d: max-pool's outputs and gradients, keeping an int8 offset per output
+(NOTE [Compact max-pool]), checked against nn.MaxPool1d in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import convmem
+from _compare import assert_same_step, seeded_randn, twin
+from convmem.nn import CompactMaxPool1d
+from convmem.nn.compact_pool import compact_pool_reason, compact_pools
+from convmem.strategies._common import swap_modules
+
+# kernel, stride, padding, dilation, ceil_mode: non-overlapping, overlapping with padding (ResNet's
+# stem), ceil mode, dilation, stride 1, stride defaulting to the kernel
+GEOMETRIES = [(2, 2, 0, 1, False), (3, 2, 1, 1, False), (3, 2, 1, 1, True), (5, 3, 2, 2, True),
+              (4, 1, 2, 1, False), (2, None, 0, 1, True), (7, 4, 3, 1, True)]
+
+
+def _grads(pool: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    out = pool(x)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    return out, gx
+
+
+@pytest.mark.parametrize("length", [17, 64, 101])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_outputs_and_gradients_are_max_pools_own_with_ties(geometry, length):
+    k, s, p, d, ceil = geometry
+    pool = nn.MaxPool1d(k, s, p, d, ceil_mode=ceil)
+    # small integers: most windows hold ties, where the gradient goes to max-pool's own choice
+    x = torch.randint(-3, 3, (2, 3, length), generator=torch.Generator().manual_seed(length)).double()
+    reference = pool(x)
+    grad = seeded_randn(*reference.shape, seed=1)
+    out, gx = _grads(CompactMaxPool1d(pool), x, grad)
+    ref_out, ref_gx = _grads(pool, x, grad)
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-12)
+
+
+def test_infinities_nans_and_unbatched_inputs():
+    pool = nn.MaxPool1d(3, 2, 1, ceil_mode=True)
+    x = seeded_randn(3, 40)  # (channels, length): no batch axis
+    x[0, :5] = float("-inf")
+    x[1, 7] = float("inf")
+    x[2, 11] = float("nan")
+    grad = seeded_randn(*pool(x).shape, seed=2)
+    out, gx = _grads(CompactMaxPool1d(pool), x, grad)
+    ref_out, ref_gx = _grads(pool, x, grad)
+    torch.testing.assert_close(out, ref_out, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(gx, ref_gx, equal_nan=True, rtol=0, atol=0)
+
+
+def test_gradients_of_gradients():
+    pool = CompactMaxPool1d(nn.MaxPool1d(3, 2, 1))
+    x = seeded_randn(2, 3, 20).requires_grad_()
+    assert torch.autograd.gradcheck(pool, (x,))
+    assert torch.autograd.gradgradcheck(pool, (x,))
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    saved = {}
+
+    def pack(t):
+        saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(saved.values())
+
+
+def test_keeps_one_byte_per_output():
+    x = seeded_randn(2, 8, 1000).requires_grad_()
+    pool = nn.MaxPool1d(2)
+    n_out = 2 * 8 * 500
+    assert _saved_bytes(pool, x) == x.numel() * 8 + n_out * 8  # its input (float64) and int64 indices
+    assert _saved_bytes(CompactMaxPool1d(pool), x) == n_out
+    with torch.no_grad():
+        assert _saved_bytes(CompactMaxPool1d(pool), x) == 0
+
+
+def test_estimate_sees_the_saving_on_basenji():
+    entry = convmem.zoo.get("basenji", "default", device="meta")  # activations dominate at this size
+    before = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn).peak_bytes
+    pools = compact_pools(entry.model)
+    assert sorted(pools) == [f"trunk.{i}.pool" for i in range(7)]
+    swap_modules(entry.model, pools)
+    after = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn).peak_bytes
+    assert after < 0.7 * before  # 3.42 -> 2.17 GiB
+
+
+def test_refuses_what_it_cannot_run_and_names_why():
+    assert "return_indices" in compact_pool_reason(nn.MaxPool1d(2, return_indices=True))
+    assert "129 positions" in compact_pool_reason(nn.MaxPool1d(129))
+    assert "AvgPool1d" in compact_pool_reason(nn.AvgPool1d(2))
+    hooked = nn.MaxPool1d(2)
+    hooked.register_forward_hook(lambda *args: None)
+    assert "hooks" in compact_pool_reason(hooked)
+    with pytest.raises(ValueError, match="return_indices"):
+        CompactMaxPool1d(nn.MaxPool1d(2, return_indices=True))
+    assert compact_pool_reason(nn.MaxPool1d(128)) is None
+    model = nn.Sequential(nn.Conv1d(2, 2, 3), nn.MaxPool1d(2), nn.MaxPool1d(2, return_indices=True))
+    assert list(compact_pools(model)) == ["1"]
+
+
+def test_in_a_model_exact_with_batchnorm_and_restored():
+    model = nn.Sequential(nn.Conv1d(3, 8, 5, padding=2), nn.BatchNorm1d(8), nn.MaxPool1d(3, 2, 1),
+                          nn.Conv1d(8, 4, 3), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True)).double()
+    reference = twin(model)
+    keys = list(model.state_dict())
+    swap_modules(model, compact_pools(model))
+    assert isinstance(model[2], CompactMaxPool1d) and isinstance(model[5], CompactMaxPool1d)
+    assert list(model.state_dict()) == keys
+    assert_same_step(reference, model, (seeded_randn(2, 3, 77),), steps=2)
+    convmem.restore_(model)
+    assert type(model[2]) is nn.MaxPool1d and type(model[5]) is nn.MaxPool1d
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's max-pool kernels need a GPU")
+def test_on_cuda_outputs_and_gradients_match_max_pools_own():
+    model = convmem.zoo.get("resnet1d", "small", device="cuda").model
+    entry_inputs = convmem.zoo.get("resnet1d", "small", device="cuda").inputs
+    reference = twin(model)
+    swap_modules(model, compact_pools(model))
+    assert_same_step(reference, model, entry_inputs, tol=1e-6, steps=2)
