@@ -53,25 +53,39 @@ class _MaxPoolOffsets(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool):
         out, indices = torch.ops.aten.max_pool1d_with_indices(x, [kernel], [stride], [padding], [dilation], ceil_mode)
-        offsets = torch.div(indices - _window_starts(out.shape[-1], stride, padding, x.device), dilation,
-                            rounding_mode="floor").to(torch.int8)
-        ctx.save_for_backward(offsets)
+        # in place: the int64 indices are the only full-size temporary, as in max-pool's own step
+        indices.sub_(torch.arange(out.shape[-1], device=x.device) * stride - padding)
+        if dilation > 1:
+            indices.div_(dilation, rounding_mode="floor")
+        ctx.save_for_backward(indices.to(torch.int8))
         ctx.input_shape = x.shape
-        ctx.geometry = (stride, padding, dilation)
+        ctx.geometry = (kernel, stride, padding, dilation)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (offsets,) = ctx.saved_tensors
-        stride, padding, dilation = ctx.geometry
-        indices = offsets.long() * dilation + _window_starts(offsets.shape[-1], stride, padding, offsets.device)
-        grad_input = grad.new_zeros(ctx.input_shape).scatter_add(-1, indices, grad)
-        return grad_input, None, None, None, None, None
+        return _scatter_to_maxima(grad, offsets, ctx.input_shape, *ctx.geometry), None, None, None, None, None
 
 
-def _window_starts(n_out: int, stride: int, padding: int, device) -> torch.Tensor:
-    """Where output j's window begins in the input: ``j * stride - padding``."""
-    return torch.arange(n_out, device=device) * stride - padding
+def _scatter_to_maxima(grad: torch.Tensor, offsets: torch.Tensor, input_shape, kernel: int, stride: int,
+                       padding: int, dilation: int) -> torch.Tensor:
+    """Each output's gradient added at its maximum's input position, one window slot at a time:
+    slot r of output j is input position ``j * stride - padding + r * dilation``. Nothing of the
+    size of int64 indices is built (NOTE [Compact max-pool]); the ops are differentiable in `grad`."""
+    length, n_out = input_shape[-1], offsets.shape[-1]
+    grad_input = grad.new_zeros(input_shape)
+    zero = grad.new_zeros(())
+    for slot in range(kernel):
+        shift = slot * dilation - padding
+        first = max(0, -(shift // stride))  # the first output whose slot lies in the input: ceil(-shift / stride)
+        last = min(n_out, (length - 1 - shift) // stride + 1)  # one past the last
+        if last <= first:
+            continue
+        start = first * stride + shift
+        hit = torch.where(offsets[..., first:last] == slot, grad[..., first:last], zero)
+        grad_input[..., start:start + (last - first - 1) * stride + 1:stride] += hit
+    return grad_input
 
 
 class CompactMaxPool1d(ModuleWrapper):
