@@ -53,8 +53,14 @@ BENCHES = {
     # max-pools to offsets itself): NOTE [Compact max-pool] in nn/compact_pool.py
     "compact_pools": ({
         "eager_fp32": strategies.eager,
-        "convmem_compact_pools": strategies.convmem_compact_pools,
+        "convmem_compact_pools": strategies.with_compact_pools(strategies.eager),
         "compile_default": strategies.COMPILE_ANCHORS["compile_default"],
+        # and under torch.compile, where Inductor lowers max-pools to offsets itself
+        "convmem_compact_pools_compiled": strategies.with_compact_pools(strategies.compiled(None)),
+        "compile_budget_0.5": strategies.COMPILE_ANCHORS["compile_budget_0.5"],
+        "convmem_selective_compiled": strategies.convmem_checkpoint("selective", compile_model=True),
+        "convmem_selective_compact_pools_compiled": strategies.with_compact_pools(
+            strategies.convmem_checkpoint("selective", compile_model=True)),
     }, ("eager_fp32", "convmem_compact_pools")),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({

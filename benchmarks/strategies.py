@@ -200,16 +200,23 @@ def convmem_fused_chains(entry) -> Optional[Prepared]:
     return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{chains} chains fused")
 
 
-def convmem_compact_pools(entry) -> Optional[Prepared]:
-    """Every max-pool with int8 window offsets (NOTE [Compact max-pool] in nn/compact_pool.py), nothing else."""
-    from convmem.nn.compact_pool import compact_pools
-    from convmem.strategies._common import swap_modules
+def with_compact_pools(prepare: Callable) -> Callable:
+    """`prepare` on the model with every max-pool compact (NOTE [Compact max-pool] in nn/compact_pool.py)."""
 
-    pools = compact_pools(entry.model)
-    if not pools:
-        return None
-    swap_modules(entry.model, pools)
-    return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{len(pools)} max-pools compact")
+    def prepare_compact(entry) -> Optional[Prepared]:
+        from convmem.nn.compact_pool import compact_pools
+        from convmem.strategies._common import swap_modules
+
+        pools = compact_pools(entry.model)
+        if not pools:
+            return None
+        swap_modules(entry.model, pools)
+        prepared = prepare(entry)
+        if prepared is not None:
+            prepared.note = "; ".join(n for n in (prepared.note, f"{len(pools)} max-pools compact") if n)
+        return prepared
+
+    return prepare_compact
 
 
 CONVMEM: Dict[str, Callable] = {
