@@ -35,7 +35,8 @@
 # checkpointed is the first block's backward, which recomputes its pool at full length. The
 # untouched model's estimate stays the `eager_peak` budgets are fractions of, and a budget it meets
 # gets a plan without compact pools when every block is kept (nothing to save, no step to change).
-# Eager only, like "fuse": Inductor already lowers max-pools to offsets.
+# Eager only, like "fuse": Inductor lowers max-pools to offsets itself, and the swap measured
+# slower compiled (NOTE [Compact max-pool]).
 #
 # NOTE [Modules beside the blocks]
 # The blocks (NOTE [Repeated blocks]) are what a user would checkpoint by hand, and what the
