@@ -60,7 +60,12 @@ def row_base(bench: str, size: str) -> Dict[str, str]:
 
 
 def free_between_rows() -> None:
-    """What one row compiled, captured and allocated, given back before the next row is measured."""
+    """What one row compiled, captured and allocated, given back before the next row is measured;
+    and Inductor's activation memory budget, which the compile anchors set process-wide, back at
+    its default (before this reset, a row compiled after a budget row ran under that budget)."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = 1.0
     torch._dynamo.reset()  # first: it drops CUDA graph trees, whose pools empty_cache can then give back
     gc.collect()
     if torch.cuda.is_available():

@@ -75,13 +75,6 @@ def _emit(out_csv, row):
     print(harness._line(row), flush=True)
 
 
-def _cleanup():
-    harness.free_between_rows()
-    import torch._functorch.config as functorch_config
-
-    functorch_config.activation_memory_budget = 1.0  # the compile anchors set it process-wide
-
-
 def _measure(entry, prepared, row, args, device):
     row.update(harness.measure_strategy(entry, prepared, args.repeats, device))
     if row["peak_bytes"] is None:  # off CUDA (a smoke test of this script): the estimate stands in
@@ -133,7 +126,7 @@ def bench_model(name, args, base, out_csv, deadline):
         if row.get("status") == "ok":
             measured[anchor] = row
         del entry
-        _cleanup()
+        harness.free_between_rows()
     if "eager_fp32" not in measured:
         print(f"[optimize] {name}: no eager fp32 step measured; no plans", flush=True)
         return
@@ -181,7 +174,7 @@ def bench_model(name, args, base, out_csv, deadline):
             floors[regime] = error.min_bytes
         _emit(out_csv, row)
         del entry
-        _cleanup()
+        harness.free_between_rows()
 
     jobs = [(f"convmem_plan_{share:g}", int(share * eager_peak), "fp32") for share in args.budgets]
     jobs += [(f"convmem_at_{anchor}", int(MATCH_SHARE * measured[anchor]["peak_bytes"]), regime_of(anchor))
@@ -252,7 +245,7 @@ def main(argv=None):
             bench_model(name, args, base, out_csv, deadline)
         except Exception:
             traceback.print_exc()
-            _cleanup()
+            harness.free_between_rows()
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ BENCHES = {
         "convmem_selective_compiled": strategies.convmem_checkpoint("selective", compile_model=True),
         "convmem_selective_compact_pools_compiled": strategies.with_compact_pools(
             strategies.convmem_checkpoint("selective", compile_model=True)),
+        # selective blocks composed with Inductor's memory budget (a first run measured the two
+        # rows above so, before the harness reset the budget between rows)
+        "convmem_selective_compiled_budget_0.5": strategies.convmem_checkpoint(
+            "selective", compile_model=True, inductor_budget=0.5),
     }, ("eager_fp32", "convmem_compact_pools")),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({

@@ -117,8 +117,14 @@ COMPILE_ANCHORS: Dict[str, Callable] = {
 # ------------------------------------------------------------------------------ convmem
 
 def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool = True,
-                       compile_mode: Optional[str] = None, save_outputs_compiled: bool = True) -> Callable:
+                       compile_mode: Optional[str] = None, save_outputs_compiled: bool = True,
+                       inductor_budget: Optional[float] = None) -> Callable:
+    """`checkpoint_` on every block, optionally compiled (`inductor_budget`: with Inductor's
+    activation memory budget set too, the two composed)."""
+
     def prepare(entry) -> Prepared:
+        import torch._functorch.config as functorch_config
+
         import convmem
         from convmem.nn.checkpointed import Checkpointed
 
@@ -128,8 +134,11 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
                 m._by_module = by_module  # False: PyTorch's dispatch-mode selective checkpointing
                 # False: the partitioner may recompute block outputs (NOTE [Block outputs under torch.compile])
                 m._save_outputs_compiled = save_outputs_compiled
+        if inductor_budget is not None:
+            functorch_config.activation_memory_budget = inductor_budget
         forward = torch.compile(entry.model, mode=compile_mode) if compile_model else None
         note = ("torch.compile" + (f"(mode={compile_mode})" if compile_mode else "")) if compile_model else ""
+        note += f"; activation_memory_budget={inductor_budget}" if inductor_budget is not None else ""
         return Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward, note=note,
                         warmup_steps=compile_warmup(compile_mode))
 

@@ -99,3 +99,15 @@ def test_the_fused_recompute_probe_is_exact():
     import fused_recompute_probe
 
     fused_recompute_probe.check()  # float64, three steps: gradients, parameters, BatchNorm statistics
+
+
+def test_a_row_compiled_after_a_budget_row_runs_without_that_budget():
+    # The compile anchors set Inductor's activation memory budget process-wide; the harness puts it
+    # back between rows (a compact_pools run had measured selective blocks compiled under budget 0.5).
+    import torch._functorch.config as functorch_config
+
+    import harness
+
+    functorch_config.activation_memory_budget = 0.5  # as strategies.compiled(0.5) leaves it
+    harness.free_between_rows()
+    assert functorch_config.activation_memory_budget == 1.0

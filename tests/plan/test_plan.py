@@ -469,27 +469,13 @@ def test_pools_refused_where_the_model_differs_or_the_costs_do_not_match_allow()
                   allow=("checkpoint",), costs=plan.costs, measure=False)
 
 
-# ------------------------------------------------------------------------- selective runs
-def test_selective_runs_apply_exactly_and_do_not_mix_with_checkpointed_ones():
-    """NOTE [Selective runs]: runs of several selective blocks, a single selective block and kept
-    ones in one chain; the stem beside it checkpointed. Two steps exact, statistics included."""
-    entry = small("resnet1d")
-    base = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, measure=False)
-    n, seg = len(base.items), PlanSegment
-    segments = [seg(0, 1, "checkpoint"), seg(1, 4, "selective"), seg(4, 5, "keep"), seg(5, 6, "selective"),
-                seg(6, n, "selective")]
-    reference = twin(entry.model)
-    plan = Plan.from_json(dataclasses.replace(base, segments=segments).to_json())
-    apply_(entry.model, plan)
-    blocks = entry.model.blocks
-    assert isinstance(blocks, convmem.nn.Checkpointed) and blocks.policy == "selective"
-    assert blocks.segments == (3, 1, 1, n - 6) and blocks.recompute == (True, False, True, True)
-    assert isinstance(entry.model.stem, convmem.nn.Checkpointed) and entry.model.stem.policy == "full"
-    assert not any(isinstance(b, convmem.nn.ModuleWrapper) for b in blocks.wrapped), "the chain runs them"
-    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
-
-    mixed = dataclasses.replace(base, segments=[seg(0, 1, "keep"), seg(1, 3, "selective"), seg(3, n, "checkpoint")])
-    fresh = small("resnet1d")
-    with pytest.raises(ValueError, match="one chain takes one policy"):
-        apply_(fresh.model, mixed)
+def test_a_plan_that_fails_to_apply_leaves_the_pools_as_they_were():
+    entry = small("basenji")
+    untouched = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn).peak_bytes
+    plan = optimize_(entry.model, *entry.inputs, budget=int(untouched * 0.985), loss_fn=entry.loss_fn,
+                     allow=("checkpoint", "pool"), measure=False)
+    broken = dataclasses.replace(plan, segments=[dataclasses.replace(plan.segments[0], option="bogus")] + plan.segments[1:])
+    fresh = small("basenji")
+    with pytest.raises(ValueError, match="unknown option 'bogus'"):
+        apply_(fresh.model, broken)
     assert not wrapper_state(fresh.model)

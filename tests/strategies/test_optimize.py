@@ -394,31 +394,6 @@ def test_keeping_everything_compiled_is_judged_too(monkeypatch):
     assert not all(s.option == "keep" for s in tried[0].segments), "the solved plan comes first"
 
 
-def test_selective_runs_are_judged_under_compile(monkeypatch):
-    # NOTE [Uniform plans under compile], NOTE [Selective runs]: the chain's blocks selective in
-    # checkpoint_'s runs of several, the stem kept, is judged; here it measures fastest and is
-    # returned as one selective Checkpointed chain.
-    from convmem.nn import Checkpointed
-
-    entry = small("basenji")
-    tried = []
-
-    def fake(plan):
-        runs = any(s.option == "selective" and s.stop - s.start > 1 for s in plan.segments)
-        tried.append(runs)
-        plan.measured_peak_bytes = plan.estimated_peak_bytes * 9 // 10
-        plan.measured_step_s = 0.5 if runs else 1.0 + plan.predicted_extra_s
-
-    _compiled_measured_by(monkeypatch, fake)
-    plan = optimize_(entry.model, *entry.inputs, budget=0.99, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
-    assert any(tried) and plan.chain == "trunk"
-    assert any(s.option == "selective" and s.stop - s.start > 1 for s in plan.segments)
-    assert plan.segments[-1].option == "keep" and plan.items[-1] == "head"
-    trunk = entry.model.trunk
-    assert isinstance(trunk, Checkpointed) and trunk.policy == "selective" and max(trunk.segments) > 1
-    assert not isinstance(entry.model.head, ModuleWrapper)
-
-
 def test_a_uniform_plan_rescues_a_budget_the_solved_plans_miss(monkeypatch):
     # NOTE [Uniform plans under compile]: every solved plan "measures" over the budget compiled, every
     # block checkpointed fits: it is returned instead of an infeasibility error.

@@ -5,15 +5,6 @@ selective, checkpoint, offload, tile at a length). It round-trips through `to_di
 (JSON-safe) and `convmem.apply_(model, plan)` puts it on a fresh instance of the same model, so a
 plan made once, on a profiling machine, is used in a training script.
 
-# NOTE [Selective runs]
-# The solver gives "selective" to one block at a time; a plan may also run several consecutive
-# blocks of the chain as one selective segment (`checkpoint_`'s segmentation, NOTE [Segments
-# balanced by kept bytes]), judged under torch.compile (NOTE [Uniform plans under compile]): the
-# whole chain becomes one `Checkpointed(chain, "selective", sizes)` whose other segments run as
-# they are (their own wrappers inside, if any). Under compile a run's inner block outputs are left
-# to the partitioner, which keeps what per-block selective segments must keep. A chain takes one
-# policy: runs of selective blocks and checkpointed segments do not mix in one plan.
-#
 # NOTE [A plan checks the model it is applied to]
 # A plan applied to another model would wrap the wrong modules. `apply_` first compares the
 # model's structure with the one the plan was made on -- the qualified names and classes of every
@@ -232,8 +223,7 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
             )
 
 
-def _item_wrappers(model: nn.Module, plan: Plan, inside: List[PlanSegment], multi: bool,
-                   selective_runs: bool) -> Dict[str, nn.Module]:
+def _item_wrappers(model: nn.Module, plan: Plan, inside: List[PlanSegment], multi: bool) -> Dict[str, nn.Module]:
     """The wrapper of every item a segment wraps one by one, by name (runs of the chain: `apply_`)."""
     replacements: Dict[str, nn.Module] = {}
     group = None
@@ -241,7 +231,7 @@ def _item_wrappers(model: nn.Module, plan: Plan, inside: List[PlanSegment], mult
         names = plan.items[seg.start:seg.stop]
         if seg.option == "tile" and len(names) > 1:
             continue  # the whole chain: apply_
-        if seg.option in ("checkpoint", "selective") and (len(names) > 1 or (selective_runs and seg in inside)):
+        if seg.option == "checkpoint" and len(names) > 1:
             continue  # a run of the chain: apply_
         for name in names:
             module = model.get_submodule(name)
@@ -291,14 +281,9 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     first, last = chain_span(plan.items, plan.chain)
     # the chain's segments; the modules beside it take theirs one by one (NOTE [Modules beside the blocks])
     inside = [seg for seg in plan.segments if first <= seg.start < last]
-    # NOTE [Selective runs]: the chain's selective segments, runs of several blocks among them, are one wrapper
-    selective_runs = any(seg.option == "selective" and seg.stop - seg.start > 1 for seg in inside)
-    if selective_runs and any(seg.option == "checkpoint" for seg in inside):
-        raise ValueError("apply_: a plan's chain holds runs of selective blocks and checkpointed ones; one chain "
-                         "takes one policy (NOTE [Selective runs])")
     undo_pools = swap_modules(model, {name: CompactMaxPool1d(model.get_submodule(name)) for name in plan.pools})
     try:
-        replacements = _item_wrappers(model, plan, inside, multi, selective_runs)
+        replacements = _item_wrappers(model, plan, inside, multi)
     except Exception:
         undo_pools()
         raise
@@ -315,10 +300,9 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
                 only = inside[0]
                 swap_modules(model, {plan.chain: Tiled(seq, only.tile_length, batch_chunk=only.batch_chunk, name=plan.chain)})
             else:
-                policy = "selective" if selective_runs else "full"
                 sizes = [s.stop - s.start for s in inside]
-                flags = [s.option == ("selective" if selective_runs else "checkpoint") for s in inside]
-                swap_modules(model, {plan.chain: Checkpointed(seq, policy, sizes, recompute=flags)})
+                flags = [s.option == "checkpoint" for s in inside]
+                swap_modules(model, {plan.chain: Checkpointed(seq, "full", sizes, recompute=flags)})
     except Exception:
         undo()
         raise

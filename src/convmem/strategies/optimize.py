@@ -68,11 +68,7 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # infeasibility names counts their measured peaks. Each costs one more compilation. "Keep" on every
 # block is the model compiled as it is, whose own recompute of pointwise ops can already fit a budget
 # the eager costs say it misses: w2v2_fe compiled keeps 4.948 GiB where eager keeps 5.909 (H200), at
-# 22.1 ms, while the plan solved for 99% of eager's peak compiled to 3.971 GiB at 27.9 ms. When the
-# blocks form a chain, selective is judged once more with the chain in `checkpoint_`'s runs of
-# several blocks, the items beside it kept (NOTE [Selective runs] in plan/plan.py): on an H200
-# Basenji's trunk so (`checkpoint_(policy="selective")`) compiled to 1.266 GiB at 19.7 ms, every
-# item selective one by one to 1.536-1.56 GiB at 20.2-22.9 ms.
+# 22.1 ms, while the plan solved for 99% of eager's peak compiled to 3.971 GiB at 27.9 ms.
 #
 # NOTE [Plans for CUDA graphs]
 # Under torch.compile's modes with CUDA graphs ("reduce-overhead", "max-autotune") the launches of
@@ -106,11 +102,10 @@ from .._units import format_bytes, parse_bytes
 from ..nn._wrapper import ModuleWrapper, restore_
 from ..plan.costs import LOSSY_OPTIONS, OPTIONS, ChainCosts, chain_costs
 from ..plan.plan import Plan, PlanSegment, apply_, structure_of
-from ..plan.solver import ChainProblem, Choice, Solution, min_peak, peak_of, solve
+from ..plan.solver import ChainProblem, min_peak, solve
 from ..profile.estimate import estimate_step, to_meta
 from ..profile.step import LossFn
 from ._common import ConfigDict, check_model
-from .checkpoint import plan_segments
 
 __all__ = ["OptimizeConfig", "optimize_", "InfeasibleBudget", "parse_budget", "COMPILE_MODES"]
 
@@ -375,16 +370,11 @@ def optimize_(
         if not (compiled and measuring):
             return accepted
         best = accepted
-        first, last = costs.chain_span()
-        variants = [option for option in _UNIFORM_OPTIONS if option == "keep" or option in allowed]
-        if "selective" in variants and last - first > 1:
-            variants.append("selective runs")  # NOTE [Selective runs]
-        for option in variants:
-            if option == "selective runs":
-                uniform = _selective_runs(problem, costs, first, last)
-            else:
-                uniform = min_peak(ChainProblem(problem.n_items, problem.base,
-                                                [c for c in problem.choices if c.option == option], problem.forward_base))
+        for option in _UNIFORM_OPTIONS:
+            if option != "keep" and option not in allowed:
+                continue
+            uniform = min_peak(ChainProblem(problem.n_items, problem.base,
+                                            [c for c in problem.choices if c.option == option], problem.forward_base))
             if uniform is None or (best is not None and _layout(best.segments) == _layout(uniform.segments)):
                 continue
             restore_(model)
@@ -478,29 +468,6 @@ def optimize_(
         "and FLOPs, not activation memory (docs/lossy.md).",
         smallest, lossy_min, costs=costs, plan=best,
     )
-
-
-def _selective_runs(problem: ChainProblem, costs: ChainCosts, first: int, last: int) -> Optional[Solution]:
-    """The chain's blocks selective in `checkpoint_`'s runs of several (NOTE [Segments balanced by kept
-    bytes]), the items beside it kept (NOTE [Selective runs]); None when the runs are single blocks.
-    A run's kept and working bytes are its blocks' summed: an upper bound, the judge is the measured
-    compiled step."""
-    items = costs.items[first:last]
-    sizes = plan_segments([it.kept_keep for it in items], [0] + [it.output_bytes for it in items[:-1]])
-    singles = {c.start: c for c in problem.choices if c.option == "selective" and c.stop == c.start + 1}
-    keeps = {c.start: c for c in problem.choices if c.option == "keep"}
-    if max(sizes) == 1 or any(i not in singles for i in range(first, last)):
-        return None
-    segments = [keeps[i] for i in range(first)]
-    start = first
-    for size in sizes:
-        run = [singles[i] for i in range(start, start + size)]
-        segments.append(Choice(start, start + size, "selective", sum(c.kept for c in run),
-                               sum(c.working for c in run), sum(c.extra_s for c in run),
-                               alive=sum(c.alive for c in run)))
-        start += size
-    segments += [keeps[i] for i in range(last, problem.n_items)]
-    return Solution(segments, peak_of(problem, segments), sum(c.extra_s for c in segments))
 
 
 def _layout(segments) -> Tuple:
