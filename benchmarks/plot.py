@@ -94,7 +94,7 @@ def frontier(points):
 
 # Every bench that measures anchors the harness's way; dominance and the Pareto plots take each
 # anchor at its best over all their runs.
-ANCHOR_BENCHES = ("optimize", "graphed", "anchors", "compile")
+ANCHOR_BENCHES = ("optimize", "graphed", "anchors", "compile", "compact_pools")
 
 
 def session_anchors(benches=ANCHOR_BENCHES):

@@ -15,9 +15,8 @@
 #
 # torch.compile's Inductor lowers max-pools to offsets too (`_low_memory_max_pool2d_with_offsets`),
 # though what it keeps around them differs: on an H200, Basenji compiled as it is kept 2.740 GiB at
-# 20.2 ms, with the pools compact 2.069 GiB at 22.1 ms, and with every block selective the pools
-# raised the compiled peak under Inductor's memory budget 0.5 (1.266 -> 1.405 GiB, 19.7 -> 22.2 ms). Plans for compiled models do not
-# use it.
+# 18.0 ms, with the pools compact 2.069 GiB at 19.0 ms; every block selective, 1.554 GiB at 18.7 ms,
+# with the pools 1.555 GiB at 22.7 ms. Plans for compiled models do not use it.
 """
 from __future__ import annotations
 
