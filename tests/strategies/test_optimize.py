@@ -131,6 +131,15 @@ def test_fused_chains_are_not_offered_under_autocast_or_torch_compile():
     assert not [c for c in plan.costs.problem(("checkpoint", "fuse")).choices if c.option == "fuse"]
 
 
+def test_compact_pools_are_not_offered_under_torch_compile():
+    entry = small("resnet1d")
+    with pytest.warns(UserWarning, match="compact pools measured slower compiled"):
+        plan = optimize_(entry.model, *entry.inputs, budget=0.99, loss_fn=entry.loss_fn,
+                         allow=("checkpoint", "pool"), compiled=True, measure=False)
+    assert plan.pools == [] and plan.costs.pools == []
+    assert not any(type(m).__name__ == "CompactMaxPool1d" for m in entry.model.modules())
+
+
 def test_plan_on_a_model_in_eval_mode_is_exact():
     """BatchNorm in eval mode: running statistics are read, not written, and the plan may tile."""
     entry = small("resnet1d", widths=(16, 32, 64, 64))

@@ -119,7 +119,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 _GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA graphs]
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
 
-# Options whose wrappers step aside under torch.compile: NOTE [Plans for compiled models].
+# Options not offered under torch.compile: wrappers that step aside in compiled code (NOTE [Plans
+# for compiled models]), and compact pools, which measured slower compiled (NOTE [Compact max-pool]).
 _EAGER_ONLY = ("offload", "chunk", "fuse", "pool")
 Budget = Union[int, float, str]
 
@@ -263,8 +264,10 @@ def optimize_(
                              "(or train under torch.autocast)")
         dropped = [a for a in config.allow if a in _EAGER_ONLY]
         if dropped and config.allow != OPTIONS:  # named by the caller, not the default
-            warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} do nothing under torch.compile (they act in eager "
-                          "mode only); planning the compiled model without them", stacklevel=2)
+            aside = [a for a in dropped if a != "pool"]
+            why = ([f"{', '.join(aside)} do nothing under torch.compile (they act in eager mode only)"] if aside else [])
+            why += ["compact pools measured slower compiled (NOTE [Compact max-pool])"] if "pool" in dropped else []
+            warnings.warn(f"{_STRATEGY}: {'; '.join(why)}; planning the compiled model without them", stacklevel=2)
         config = OptimizeConfig(allow=tuple(a for a in config.allow if a not in _EAGER_ONLY), lossy=False)
     say = _progress(progress)
     allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
