@@ -436,6 +436,9 @@ def test_plans_run_the_max_pools_compactly_and_exactly():
     assert plan.eager_peak_bytes == untouched  # budgets stay fractions of the untouched model
     assert {n for n, kind in wrapper_state(entry.model).items() if kind == "CompactMaxPool1d"} == set(plan.pools)
     assert "int8 window offsets" in plan.explain()
+    first = plan.costs.items[0]  # "kept before" is the untouched block's, the costs the compact one's
+    assert first.kept_untouched > first.kept_keep
+    assert all(it.kept_untouched >= it.kept_keep for it in plan.costs.items)
     assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
 
     fresh = small("basenji")

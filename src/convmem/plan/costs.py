@@ -109,6 +109,7 @@ class ItemCost:
     gradient_correction: int = 0  # NOTE [Measured option costs]: fitted to the all-checkpointed estimate
     alive: Dict[str, int] = dataclasses.field(default_factory=dict)  # option -> bytes left alive to forward's end
     kept_fused: Optional[int] = None  # NOTE [Fused chains as an option]; None: no chain in the block
+    kept_untouched: Optional[int] = None  # NOTE [Compact max-pools in plans]: kept_keep before the swap
 
     @property
     def gradients(self) -> int:
@@ -393,14 +394,17 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
         return _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     # NOTE [Compact max-pools in plans]: every option is costed with the pools compact; the
     # untouched model's estimate stays what budgets are fractions of.
-    untouched = estimate_step(meta_clone(model), to_meta(tuple(inputs)), loss_fn, autocast_dtype=autocast).peak_bytes
+    untouched = estimate_step(meta_clone(model), to_meta(tuple(inputs)), loss_fn, autocast_dtype=autocast)
     undo = swap_modules(model, pools)
     try:
         costs = _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     finally:
         undo()
-    costs.eager_peak = untouched
+    costs.eager_peak = untouched.peak_bytes
     costs.pools = sorted(pools)
+    calls = _first_calls(untouched.calls)
+    for it in costs.items:
+        it.kept_untouched = inclusive_kept(calls[it.name]) if it.name in calls else None
     return costs
 
 
