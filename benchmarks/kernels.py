@@ -239,7 +239,7 @@ def zoo_rows(base, repeats: int, out_csv: str):
             shape = "x".join(str(n) for n in entry.inputs[0].shape)
             for impl in ("eager", "fuse_"):
                 if impl == "fuse_":
-                    fuse_(entry.model, norm_act_conv=False)  # the depthwise kernel's effect alone
+                    fuse_(entry.model, norm_act_conv=False, pools=False)  # the depthwise kernel's effect alone
                 row = dict(base, section="zoo", model=name, impl=impl, dtype=precision, batch=entry.inputs[0].shape[0],
                            length=entry.inputs[0].shape[-1], note=f"input {shape}")
                 try:

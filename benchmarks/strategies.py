@@ -202,7 +202,7 @@ def convmem_fused_chains(entry) -> Optional[Prepared]:
     import convmem
     from convmem.nn import FusedNormActConv
 
-    convmem.fuse_(entry.model, filter_fn=lambda conv, fqn: conv.groups == 1)
+    convmem.fuse_(entry.model, filter_fn=lambda conv, fqn: conv.groups == 1, pools=False)
     chains = sum(m.chains for m in entry.model.modules() if isinstance(m, FusedNormActConv))
     if not chains:
         return None

@@ -130,3 +130,31 @@ def test_on_cuda_outputs_and_gradients_are_max_pools_own(geometry):
     ref_out, ref_gx = _grads(pool, x, grad)
     assert torch.equal(out, ref_out)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-6, atol=1e-6)  # overlapping windows add in another order
+
+
+def test_fuse_runs_the_pools_compactly_once_and_pools_false_leaves_them():
+    entry = convmem.zoo.get("basenji", "small", dtype=torch.float64)
+    reference = twin(entry.model)
+    convmem.fuse_(entry.model, filter_fn=lambda conv, fqn: conv.groups == 1)  # chains and pools, no Triton
+    compact = [n.replace(".wrapped", "") for n, m in entry.model.named_modules() if isinstance(m, CompactMaxPool1d)]
+    assert compact == [f"trunk.{i}.pool" for i in range(7)]
+    convmem.fuse_(entry.model, filter_fn=lambda conv, fqn: conv.groups == 1)  # again: nothing wrapped twice
+    assert not any(isinstance(m.wrapped, CompactMaxPool1d) for m in entry.model.modules()
+                   if isinstance(m, CompactMaxPool1d))
+    assert list(entry.model.state_dict()) == list(reference.state_dict())
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
+    convmem.restore_(entry.model)
+    convmem.fuse_(entry.model, filter_fn=lambda conv, fqn: conv.groups == 1, pools=False)
+    assert not any(isinstance(m, CompactMaxPool1d) for m in entry.model.modules())
+    with pytest.raises(TypeError, match="pools must be a bool"):
+        convmem.fuse_(entry.model, pools="yes")
+
+
+def test_fuse_on_a_model_with_only_a_pool_changes_it_without_a_warning():
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.MaxPool1d(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convmem.fuse_(model)
+    assert isinstance(model[1], CompactMaxPool1d)

@@ -119,7 +119,9 @@ class CompactMaxPool1d(ModuleWrapper):
 
 
 def compact_pools(model: nn.Module) -> Dict[str, CompactMaxPool1d]:
-    """A `CompactMaxPool1d` for every max-pool of `model` that can be one, by name; nothing is
-    swapped (`convmem.optimize_` swaps them: NOTE [Compact max-pools in plans] in plan/costs.py)."""
+    """A `CompactMaxPool1d` for every max-pool of `model` that can be one and is not one already, by
+    name; nothing is swapped (`fuse_` swaps them, and `optimize_`: NOTE [Compact max-pools in plans]
+    in plan/costs.py)."""
+    inside = {id(m.wrapped) for m in model.modules() if isinstance(m, CompactMaxPool1d)}  # compact already
     return {name: CompactMaxPool1d(module) for name, module in model.named_modules()
-            if name and compact_pool_reason(module) is None}
+            if name and id(module) not in inside and compact_pool_reason(module) is None}

@@ -6,7 +6,9 @@ conv in an ``nn.Sequential`` into the kernel. A training step then keeps only ea
 and weights (NOTE [What the fused depthwise conv keeps]). And it runs every block whose forward
 calls BatchNorm1d -> ReLU/GELU/SiLU/LeakyReLU -> Conv1d, or GELU/SiLU/LeakyReLU -> Conv1d, in a
 `convmem.nn.FusedNormActConv`, which keeps only the first input of each such chain and rebuilds
-the rest in backward (NOTE [Norm-activation-conv chains]; plain PyTorch, no Triton needed).
+the rest in backward (NOTE [Norm-activation-conv chains]; plain PyTorch, no Triton needed). And
+every nn.MaxPool1d runs as a `convmem.nn.CompactMaxPool1d`, keeping an int8 window offset per
+output instead of its input and int64 indices (NOTE [Compact max-pool]).
 Outputs and gradients are those of the untouched model up to floating-point reassociation, and
 ``state_dict()`` keys are unchanged. ``convmem.restore_(model)`` undoes it.
 
@@ -51,6 +53,7 @@ from torch import nn
 
 from ..kernels.depthwise import kernels_usable, triton_available
 from ..nn._wrapper import ModuleWrapper
+from ..nn.compact_pool import compact_pools
 from ..nn.fused_depthwise import FusedActivation, FusedDepthwiseConv1d, activation_name, fusable_reason
 from ..nn.fused_norm_conv import FusedNormActConv, NoChainError
 from ._common import (
@@ -74,14 +77,15 @@ class FuseConfig(ConfigDict):
     """``activations``: fold a following ReLU/GELU/SiLU into the kernel (NOTE [Which activations are
     fused]); ``max_depth_multiplier``: the most filters per input channel a fused conv may have;
     ``norm_act_conv``: fuse [BatchNorm ->] activation -> Conv1d chains (NOTE [Which blocks get fused
-    chains])."""
+    chains]); ``pools``: run max-pools with int8 window offsets (NOTE [Compact max-pool])."""
 
     activations: bool = True
     max_depth_multiplier: int = 1
     norm_act_conv: bool = True
+    pools: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("activations", "norm_act_conv"):
+        for name in ("activations", "norm_act_conv", "pools"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{_STRATEGY}: {name} must be a bool, got {getattr(self, name)!r}")
         m = self.max_depth_multiplier
@@ -120,9 +124,10 @@ def fuse_(
     activations: bool = True,
     max_depth_multiplier: int = 1,
     norm_act_conv: bool = True,
+    pools: bool = True,
 ) -> nn.Module:
-    """Run the depthwise convs of `model` (and a following activation) by fused kernels, and its
-    [BatchNorm ->] activation -> Conv1d chains fused, in place; returns `model`.
+    """Run the depthwise convs of `model` (and a following activation) by fused kernels, its
+    [BatchNorm ->] activation -> Conv1d chains fused and its max-pools compact, in place; returns `model`.
 
     Args:
         model: any ``nn.Module``; its depthwise ``nn.Conv1d`` take ``x: (batch, channels, length)``.
@@ -135,6 +140,9 @@ def fuse_(
             GELU/SiLU/LeakyReLU -> Conv1d chains of the blocks' forwards fused, keeping only each
             chain's first input (NOTE [Which blocks get fused chains]); `filter_fn` is asked
             about the chain's Conv1d.
+        pools: also run every ``nn.MaxPool1d`` as a `convmem.nn.CompactMaxPool1d`, which keeps an
+            int8 window offset per output for backward instead of its input and int64 indices
+            (NOTE [Compact max-pool]; eager mode: compiled, Inductor does this itself).
 
     Exact: outputs, gradients and buffers agree with the untouched model up to rounding, and
     ``state_dict()`` keys and values are unchanged. ``convmem.restore_(model)`` undoes it.
@@ -151,7 +159,10 @@ def fuse_(
     check_model(model, _STRATEGY)
     check_filter_fn(filter_fn, _STRATEGY)
     config = FuseConfig(activations=activations, max_depth_multiplier=max_depth_multiplier,
-                        norm_act_conv=norm_act_conv)
+                        norm_act_conv=norm_act_conv, pools=pools)
+    # first: the chains' traced forwards then call the compact pools
+    pooled = compact_pools(model) if config.pools else {}
+    swap_modules(model, pooled)
 
     chosen: Dict[str, nn.Conv1d] = {}
     skipped: Dict[str, str] = {}
@@ -187,7 +198,7 @@ def fuse_(
     chain_note = "; nor is it the conv of an activation chain it could fuse" if config.norm_act_conv else ""
     warn_skipped(_STRATEGY, {n: r + (chain_note if r.startswith("not depthwise") else "")
                              for n, r in skipped.items() if n not in chained})
-    if not chosen and not chained:
+    if not chosen and not chained and not pooled:
         detail = f" ({len(skipped)} depthwise Conv1d could not be fused)" if skipped else ""
         warn_nothing_selected(model, _STRATEGY, filter_fn is not None, detail)
     return model
