@@ -235,6 +235,19 @@ def test_random_stack_tiled_equals_untiled(data):
     assert tiled.last_windows >= 1
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_a_chomp_after_a_pool_is_not_cut_to_an_earlier_tensors_length(kernel):
+    # Found by the property above: traced at an even length, DownUp's stride-2 conv output and the
+    # stride-2 pool's output have the same length, and the chomp's cut was taken for a cut to the
+    # first of them; at odd lengths they differ (the analysis predicted 2 outputs for 3 inputs).
+    module = nn.Sequential(DownUp(1, kernel), nn.AvgPool1d(4, 2, 1), Chomp(1, 1, 2, 1)).double()
+    rf = analyse(module, _input(1, 1, 4096), (), {}, -1)
+    for length in (3, 5, 77):
+        assert rf.output_lengths(length) == [module(_input(1, 1, length)).shape[-1]]
+        x = _input(2, 1, length, torch.Generator().manual_seed(length))
+        assert_same_step(module, Tiled(twin(module), max(2, rf.period)), (x,), tol=TOL)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_circular_padding_is_refused(data):

@@ -232,7 +232,8 @@ class LengthTracer(TorchDispatchMode):
         self.edges: List[EdgeRead] = []
         self.module_stack: List[str] = []
         self._names = names
-        self._lengths: Dict[Tuple[Fraction, int], Track] = {}  # (stride, traced length) -> a tensor's track
+        # (stride, traced length) -> the tracks of the tensors that had it, in the order they were made
+        self._lengths: Dict[Tuple[Fraction, int], List[Track]] = {}
 
     # -- module attribution -----------------------------------------------------------------
     def push(self, module: nn.Module) -> None:
@@ -266,7 +267,7 @@ class LengthTracer(TorchDispatchMode):
                     "an op the analysis does not model correctly",
                 )
             self.requirements.append(lambda n, f=track.length: f(n) >= 1)
-            self._lengths.setdefault((track.stride, size), track)
+            self._lengths.setdefault((track.stride, size), []).append(track)
         self._align(track.stride)
         self.tracks[tensor] = track
 
@@ -586,7 +587,11 @@ class LengthTracer(TorchDispatchMode):
         start, end = (s + n if s < 0 else s for s in (start, end))
         start, end = max(0, min(start, n)), max(0, min(end, n))
         parent = track.length
-        other = self._lengths.get((track.stride, end)) if explicit_end else None
+        # The latest other sequence of that rate and length: a causal conv's chomp cuts to its own
+        # input's length, not to an earlier tensor that happens to match it at the traced length
+        # (a stride-2 conv's output before a stride-2 pool); `y[..., : x.shape[-1]]` still finds x.
+        other = next((t for t in reversed(self._lengths.get((track.stride, end), [])) if t is not track),
+                     None) if explicit_end else None
         if other is not None:
             # Cut to another sequence's length (``y[..., : x.shape[-1]]`` after an up-sampling): the
             # end follows that sequence, whose positions must then exist too.
