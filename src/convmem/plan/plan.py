@@ -1,7 +1,7 @@
 """A plan: which option on which block, what it is predicted to cost, and how to put it on a model.
 
 A `Plan` is data: it names the model's blocks and, per run of blocks, the option chosen (keep,
-selective, checkpoint, offload, tile at a length). It round-trips through `to_dict`/`from_dict`
+selective, checkpoint, offload, tile at a length), and the max-pools it runs compact. It round-trips through `to_dict`/`from_dict`
 (JSON-safe) and `convmem.apply_(model, plan)` puts it on a fresh instance of the same model, so a
 plan made once, on a profiling machine, is used in a training script.
 
