@@ -158,3 +158,18 @@ def test_fuse_on_a_model_with_only_a_pool_changes_it_without_a_warning():
         warnings.simplefilter("error")
         convmem.fuse_(model)
     assert isinstance(model[1], CompactMaxPool1d)
+
+
+def test_under_bfloat16_autocast_outputs_and_gradients_are_max_pools_own():
+    conv = nn.Conv1d(4, 8, 3, padding=1)
+    for pool in (nn.MaxPool1d(2), nn.MaxPool1d(3, 2, 1)):
+        results = []
+        for module in (pool, CompactMaxPool1d(pool)):
+            x = seeded_randn(2, 4, 101, dtype=torch.float32).requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = module(conv(x))
+            (gx,) = torch.autograd.grad(y.float().pow(2).sum(), x)
+            results.append((y, gx))
+        (ref_y, ref_gx), (y, gx) = results
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref_y)
+        torch.testing.assert_close(gx, ref_gx, rtol=0, atol=0)
