@@ -182,7 +182,7 @@ def plot_plan(plan: Plan, path: str, title: Optional[str] = None) -> str:
 
     by_item = {it.name: it for it in (plan.costs.items if plan.costs is not None else [])}
     scale = plan.costs.scale(plan.length) if plan.costs is not None else 1.0
-    before = [by_item[name].kept_keep * scale / mib if name in by_item else 0.0 for name in plan.items]
+    before = [by_item[name].kept_before * scale / mib if name in by_item else 0.0 for name in plan.items]
     after = [0.0] * n
     colors = {"keep": "#8c8c8c", "selective": "#55A868", "checkpoint": "#4C72B0", "tile": "#C44E52", "offload": "#8172B3",
               "chunk": "#937860", "fuse": "#DD8452", "bf16": "#DA8BC3"}

@@ -112,6 +112,11 @@ class ItemCost:
     kept_untouched: Optional[int] = None  # NOTE [Compact max-pools in plans]: kept_keep before the swap
 
     @property
+    def kept_before(self) -> int:
+        """What the block keeps in the untouched model (the costs may be taken with the pools compact)."""
+        return self.kept_untouched if self.kept_untouched is not None else self.kept_keep
+
+    @property
     def gradients(self) -> int:
         """Bytes of gradients alive while this block runs backward: its output's, its input's and
         the largest internal one."""

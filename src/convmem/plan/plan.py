@@ -94,7 +94,7 @@ class Plan:
         rows = []
         for seg in self.segments:
             names = self.items[seg.start:seg.stop]
-            before = sum(_untouched(by_item[n]) for n in names if n in by_item) * scale if by_item else None
+            before = sum(by_item[n].kept_before for n in names if n in by_item) * scale if by_item else None
             label = seg.label if len(names) == 1 else f"{seg.label} ({len(names)} blocks)"
             first = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
             rows.append((first, label, format_bytes(before), format_bytes(seg.kept_bytes), f"{seg.extra_s * 1e3:.2f} ms"))
@@ -156,12 +156,6 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls.from_dict(json.loads(text))
-
-
-def _untouched(item) -> int:
-    """What `item` keeps in the untouched model (NOTE [Compact max-pools in plans]: its costs may be
-    taken with the pools compact)."""
-    return item.kept_untouched if item.kept_untouched is not None else item.kept_keep
 
 
 def _roots(items: Sequence[str], chain: Optional[str]) -> List[str]:
