@@ -123,8 +123,6 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
     activation memory budget set too, the two composed)."""
 
     def prepare(entry) -> Prepared:
-        import torch._functorch.config as functorch_config
-
         import convmem
         from convmem.nn.checkpointed import Checkpointed
 
@@ -135,7 +133,9 @@ def convmem_checkpoint(policy: str, compile_model: bool = False, by_module: bool
                 # False: the partitioner may recompute block outputs (NOTE [Block outputs under torch.compile])
                 m._save_outputs_compiled = save_outputs_compiled
         if inductor_budget is not None:
-            functorch_config.activation_memory_budget = inductor_budget
+            import torch._functorch.config as functorch_config
+
+            functorch_config.activation_memory_budget = inductor_budget  # harness.free_between_rows resets it
         forward = torch.compile(entry.model, mode=compile_mode) if compile_model else None
         note = ("torch.compile" + (f"(mode={compile_mode})" if compile_mode else "")) if compile_model else ""
         note += f"; activation_memory_budget={inductor_budget}" if inductor_budget is not None else ""
