@@ -65,6 +65,10 @@ BENCHES = {
         # rows above so, before the harness reset the budget between rows)
         "convmem_selective_compiled_budget_0.5": strategies.convmem_checkpoint(
             "selective", compile_model=True, inductor_budget=0.5),
+        # the pools composed with Inductor's budget, alone and under selective blocks
+        "convmem_compact_pools_compiled_budget_0.5": strategies.with_compact_pools(strategies.compiled(0.5)),
+        "convmem_selective_compact_pools_compiled_budget_0.5": strategies.with_compact_pools(
+            strategies.convmem_checkpoint("selective", compile_model=True, inductor_budget=0.5)),
     }, ("eager_fp32", "convmem_compact_pools")),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({

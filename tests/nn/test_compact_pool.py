@@ -13,9 +13,11 @@ from convmem.nn.compact_pool import compact_pool_reason, compact_pools
 from convmem.strategies._common import swap_modules
 
 # kernel, stride, padding, dilation, ceil_mode: non-overlapping, overlapping with padding (ResNet's
-# stem), ceil mode, dilation, stride 1, stride defaulting to the kernel
+# stem), ceil mode, dilation, stride 1, stride defaulting to the kernel, and windows that tile the
+# input (stride == kernel: a path of their own) with padding, cut or zero-filled at the end
 GEOMETRIES = [(2, 2, 0, 1, False), (3, 2, 1, 1, False), (3, 2, 1, 1, True), (5, 3, 2, 2, True),
-              (4, 1, 2, 1, False), (2, None, 0, 1, True), (7, 4, 3, 1, True)]
+              (4, 1, 2, 1, False), (2, None, 0, 1, True), (7, 4, 3, 1, True), (4, 4, 2, 1, False),
+              (3, 3, 1, 1, True), (4, 4, 1, 1, True)]
 
 
 def _grads(pool: nn.Module, x: torch.Tensor, grad: torch.Tensor):
@@ -53,8 +55,9 @@ def test_infinities_nans_and_unbatched_inputs():
     torch.testing.assert_close(gx, ref_gx, equal_nan=True, rtol=0, atol=0)
 
 
-def test_gradients_of_gradients():
-    pool = CompactMaxPool1d(nn.MaxPool1d(3, 2, 1))
+@pytest.mark.parametrize("geometry", [(3, 2, 1), (2, 2, 0), (3, 3, 1)])  # overlapping, tiling
+def test_gradients_of_gradients(geometry):
+    pool = CompactMaxPool1d(nn.MaxPool1d(*geometry))
     x = seeded_randn(2, 3, 20).requires_grad_()
     assert torch.autograd.gradcheck(pool, (x,))
     assert torch.autograd.gradgradcheck(pool, (x,))

@@ -76,8 +76,10 @@ def _scatter_to_maxima(grad: torch.Tensor, offsets: torch.Tensor, input_shape, k
     slot r of output j is input position ``j * stride - padding + r * dilation``. Nothing of the
     size of int64 indices is built (NOTE [Compact max-pool]); the ops are differentiable in `grad`."""
     length, n_out = input_shape[-1], offsets.shape[-1]
-    grad_input = grad.new_zeros(input_shape)
     zero = grad.new_zeros(())
+    if kernel == stride and dilation == 1:
+        return _spread_over_windows(grad, offsets, length, kernel, padding, zero)
+    grad_input = grad.new_zeros(input_shape)
     for slot in range(kernel):
         shift = slot * dilation - padding
         first = max(0, -(shift // stride))  # the first output whose slot lies in the input: ceil(-shift / stride)
@@ -88,6 +90,21 @@ def _scatter_to_maxima(grad: torch.Tensor, offsets: torch.Tensor, input_shape, k
         hit = torch.where(offsets[..., first:last] == slot, grad[..., first:last], zero)
         grad_input[..., start:start + (last - first - 1) * stride + 1:stride] += hit
     return grad_input
+
+
+def _spread_over_windows(grad: torch.Tensor, offsets: torch.Tensor, length: int, kernel: int, padding: int,
+                         zero: torch.Tensor) -> torch.Tensor:
+    """`_scatter_to_maxima` where windows tile the input (stride == kernel, no dilation): output j's
+    window is input positions ``j * kernel - padding + r``, so the gradient is every window's
+    one-hot spread laid end to end, cut or zero-filled to the input's length. One elementwise pass,
+    which torch.compile fuses into a single kernel; the slot loop's strided in-place adds became a
+    full copy of the gradient per slot there (NOTE [Compact max-pool])."""
+    slots = torch.arange(kernel, device=offsets.device, dtype=offsets.dtype)
+    spread = torch.where(offsets.unsqueeze(-1) == slots, grad.unsqueeze(-1), zero).flatten(-2)
+    covered = spread.shape[-1] - padding  # input positions from 0 the windows reach
+    if padding == 0 and covered == length:
+        return spread
+    return torch.nn.functional.pad(spread, (-padding, length - covered))  # negative: cut the padding
 
 
 class CompactMaxPool1d(ModuleWrapper):
