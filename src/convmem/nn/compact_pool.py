@@ -62,12 +62,34 @@ class _MaxPoolOffsets(torch.autograd.Function):
         ctx.save_for_backward(indices.to(torch.int8))
         ctx.input_shape = x.shape
         ctx.geometry = (kernel, stride, padding, dilation)
+        ctx.ceil_mode = ceil_mode
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (offsets,) = ctx.saved_tensors
-        return _scatter_to_maxima(grad, offsets, ctx.input_shape, *ctx.geometry), None, None, None, None, None
+        if torch.compiler.is_compiling():
+            grad_input = _max_pool_backward(grad, offsets, ctx.input_shape, *ctx.geometry, ctx.ceil_mode)
+        else:
+            grad_input = _scatter_to_maxima(grad, offsets, ctx.input_shape, *ctx.geometry)
+        return grad_input, None, None, None, None, None
+
+
+def _max_pool_backward(grad: torch.Tensor, offsets: torch.Tensor, input_shape, kernel: int, stride: int,
+                       padding: int, dilation: int, ceil_mode: bool) -> torch.Tensor:
+    """Max-pool's own backward op, given indices rebuilt from the offsets: for torch.compile, whose
+    Inductor lowers that op to one kernel that gathers each input position's gradient from the
+    windows holding it, and folds the index arithmetic into it. The op takes max-pool's input too,
+    for its shape alone (Inductor's lowering reads no value of it, and neither do aten's kernels),
+    which is why a compiled ``nn.MaxPool1d`` keeps its input: here an uninitialised tensor of that
+    shape stands in. Eagerly the int64 indices would be a full-size temporary, so eager steps use
+    `_scatter_to_maxima` (NOTE [Compact max-pool])."""
+    positions = torch.arange(offsets.shape[-1], device=offsets.device) * stride - padding
+    indices = (offsets.long() * dilation + positions).unsqueeze(-2)
+    shape_only = grad.new_empty(input_shape).unsqueeze(-2)
+    grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad.unsqueeze(-2), shape_only, [1, kernel], [1, stride], [0, padding], [1, dilation], ceil_mode, indices)
+    return grad_input.squeeze(-2)
 
 
 def _scatter_to_maxima(grad: torch.Tensor, offsets: torch.Tensor, input_shape, kernel: int, stride: int,
