@@ -12,6 +12,8 @@ import dataclasses
 import re
 from typing import Dict, Optional
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -131,13 +133,14 @@ def test_fused_chains_are_not_offered_under_autocast_or_torch_compile():
     assert not [c for c in plan.costs.problem(("checkpoint", "fuse")).choices if c.option == "fuse"]
 
 
-def test_compact_pools_are_not_offered_under_torch_compile():
+def test_compact_pools_are_offered_under_torch_compile():
     entry = small("resnet1d")
-    with pytest.warns(UserWarning, match="compact pools measured slower compiled"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "pool" is not among the options compiled plans drop
         plan = optimize_(entry.model, *entry.inputs, budget=0.99, loss_fn=entry.loss_fn,
                          allow=("checkpoint", "pool"), compiled=True, measure=False)
-    assert plan.pools == [] and plan.costs.pools == []
-    assert not any(type(m).__name__ == "CompactMaxPool1d" for m in entry.model.modules())
+    assert plan.pools == plan.costs.pools == ["stem.3"]  # the stem's max-pool
+    assert [type(m).__name__ for m in entry.model.modules()].count("CompactMaxPool1d") == 1
 
 
 def test_plan_on_a_model_in_eval_mode_is_exact():

@@ -13,10 +13,20 @@
 # gradients agree exactly, up to the order of additions where windows overlap. The backward is
 # built from differentiable ops, so gradients of gradients work as before.
 #
-# torch.compile's Inductor lowers max-pools to offsets too (`_low_memory_max_pool2d_with_offsets`),
-# though what it keeps around them differs: on an H200, Basenji compiled as it is kept 2.740 GiB at
-# 18.0 ms, with the pools compact 2.069 GiB at 19.0 ms; every block selective, 1.554 GiB at 18.7 ms,
-# with the pools 1.555 GiB at 22.7 ms. Plans for compiled models do not use it.
+# Windows that tile the input (stride == kernel, Basenji's pools) take the gradient in one
+# elementwise pass (`_spread_over_windows`) instead of a strided add per slot.
+#
+# Under torch.compile the backward is max-pool's own backward op, on int64 indices rebuilt from the
+# offsets (`_max_pool_backward`): Inductor lowers it to the kernel it builds for a compiled
+# ``nn.MaxPool1d``, with the index arithmetic folded in. Inductor lowers max-pools to offsets of
+# its own (`_low_memory_max_pool2d_with_offsets`), yet on torch 2.11 a compiled Basenji still kept
+# 0.67 GiB more without the swap: that op takes the pool's input, for its shape alone, and the
+# compact pool hands it an uninitialised tensor of that shape instead. On an H200 (three runs of
+# benchmarks/run.py compact_pools, commit b63ffb2): Basenji compiled as it is 2.739 GiB at 18.1,
+# 18.2 and 19.0 ms, with the pools compact 2.070 GiB at 18.3, 18.3 and 18.1 ms (the slot loop had
+# cost 1 ms compiled: each strided add became a copy of the whole gradient); every block
+# selective, 1.554 GiB either way (selective blocks recompute the pools' inputs already). On torch
+# 2.13 (CPU) a compiled ``nn.MaxPool1d`` keeps no input, and the swap changes nothing there.
 """
 from __future__ import annotations
 

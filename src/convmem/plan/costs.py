@@ -35,8 +35,9 @@
 # checkpointed is the first block's backward, which recomputes its pool at full length. The
 # untouched model's estimate stays the `eager_peak` budgets are fractions of, and a budget it meets
 # gets a plan without compact pools when every block is kept (nothing to save, no step to change).
-# Eager only, like "fuse": Inductor lowers max-pools to offsets itself, and the swap measured
-# slower compiled (NOTE [Compact max-pool]).
+# Compiled plans have them too (unlike "fuse"): the compact pool's autograd Function compiles, and
+# saves what Inductor's own lowering would not (on Basenji 0.67 GiB less at the same step time,
+# NOTE [Compact max-pool]); the judge measures the compiled step with them.
 #
 # NOTE [Modules beside the blocks]
 # The blocks (NOTE [Repeated blocks]) are what a user would checkpoint by hand, and what the

@@ -41,7 +41,7 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # Offload, chunk, fused chains and bf16 saved tensors act through saved-tensor hooks and autograd
 # Functions that step aside in compiled code (they would save nothing there), so compiled plans
 # choose among keep, selective, checkpoint and tile (tiling breaks the graph around its window
-# planning and compiles the tiles).
+# planning and compiles the tiles), with the max-pools compact (NOTE [Compact max-pools in plans]).
 #
 # NOTE [Using the slack]
 # The cost model can also overstate what a plan holds, most under torch.compile, whose partitioner
@@ -120,8 +120,9 @@ _GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA gra
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
 
 # Options not offered under torch.compile: wrappers that step aside in compiled code (NOTE [Plans
-# for compiled models]), and compact pools, which measured slower compiled (NOTE [Compact max-pool]).
-_EAGER_ONLY = ("offload", "chunk", "fuse", "pool")
+# for compiled models]). Compact pools are offered: their autograd Function compiles (NOTE [Compact
+# max-pool]).
+_EAGER_ONLY = ("offload", "chunk", "fuse")
 Budget = Union[int, float, str]
 
 
@@ -264,10 +265,8 @@ def optimize_(
                              "(or train under torch.autocast)")
         dropped = [a for a in config.allow if a in _EAGER_ONLY]
         if dropped and config.allow != OPTIONS:  # named by the caller, not the default
-            aside = [a for a in dropped if a != "pool"]
-            why = ([f"{', '.join(aside)} do nothing under torch.compile (they act in eager mode only)"] if aside else [])
-            why += ["compact pools measured slower compiled (NOTE [Compact max-pool])"] if "pool" in dropped else []
-            warnings.warn(f"{_STRATEGY}: {'; '.join(why)}; planning the compiled model without them", stacklevel=2)
+            warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} do nothing under torch.compile (they act in eager "
+                          "mode only); planning the compiled model without them", stacklevel=2)
         config = OptimizeConfig(allow=tuple(a for a in config.allow if a not in _EAGER_ONLY), lossy=False)
     say = _progress(progress)
     allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
