@@ -52,7 +52,7 @@ from strategies import Prepared  # noqa: E402
 from convmem import InfeasibleBudget, optimize_, zoo  # noqa: E402
 from convmem.plan.costs import OPTIONS  # noqa: E402
 
-COMPILE_OPTIONS = ("selective", "checkpoint")
+COMPILE_OPTIONS = ("selective", "checkpoint", "pool")  # "pool": max-pools compact (NOTE [Compact max-pools in plans])
 FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
 ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
 MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak
