@@ -70,6 +70,13 @@ BENCHES = {
         "convmem_selective_compact_pools_compiled_budget_0.5": strategies.with_compact_pools(
             strategies.convmem_checkpoint("selective", compile_model=True, inductor_budget=0.5)),
     }, ("eager_fp32", "convmem_compact_pools")),
+    # Conv1d run as conv2d under torch.compile, whose layout optimization is for conv2d alone
+    "conv_layout": ({
+        "compile_default": strategies.COMPILE_ANCHORS["compile_default"],
+        "compile_convs_as_2d": strategies.with_convs_as_2d(strategies.compiled(None)),
+        "eager_fp32": strategies.eager,
+        "eager_convs_as_2d": strategies.with_convs_as_2d(strategies.eager),
+    }, ()),
     # memory and time of tcn against tile length (docs/BENCHMARKS.md, "Exact length tiling")
     "tile_curve": ({
         "eager_fp32": strategies.eager,

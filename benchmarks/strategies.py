@@ -228,6 +228,40 @@ def with_compact_pools(prepare: Callable) -> Callable:
     return prepare_compact
 
 
+class _Conv1dAs2d(nn.Module):
+    """A Conv1d run as a conv2d over (batch, channels, 1, length): a probe of whether Inductor's
+    layout optimization (channels-last convolutions, which it applies to conv2d only) spares cuDNN
+    the NCHW <-> NHWC transposes it runs around every Conv1d on an H100/H200."""
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        padding = c.padding if isinstance(c.padding, str) else (0, c.padding[0])
+        out = nn.functional.conv2d(x.unsqueeze(-2), c.weight.unsqueeze(-2), c.bias, (1, c.stride[0]), padding,
+                                   (1, c.dilation[0]), c.groups)
+        return out.squeeze(-2)
+
+
+def with_convs_as_2d(prepare: Callable) -> Callable:
+    """`prepare` on the model with every zero-padded Conv1d run as a conv2d (`_Conv1dAs2d`)."""
+
+    def prepare_2d(entry) -> Optional[Prepared]:
+        from convmem.strategies._common import swap_modules
+
+        convs = {name: _Conv1dAs2d(m) for name, m in entry.model.named_modules()
+                 if type(m) is nn.Conv1d and m.padding_mode == "zeros"}
+        swap_modules(entry.model, convs)
+        prepared = prepare(entry)
+        if prepared is not None:
+            prepared.note = "; ".join(n for n in (prepared.note, f"{len(convs)} Conv1d as conv2d") if n)
+        return prepared
+
+    return prepare_2d
+
+
 CONVMEM: Dict[str, Callable] = {
     "convmem_checkpoint_full": convmem_checkpoint("full"),
     "convmem_checkpoint_selective": convmem_checkpoint("selective"),
