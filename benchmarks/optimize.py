@@ -52,7 +52,9 @@ from strategies import Prepared  # noqa: E402
 from convmem import InfeasibleBudget, optimize_, zoo  # noqa: E402
 from convmem.plan.costs import OPTIONS  # noqa: E402
 
-COMPILE_OPTIONS = ("selective", "checkpoint", "pool")  # "pool": max-pools compact (NOTE [Compact max-pools in plans])
+# "pool": max-pools compact (NOTE [Compact max-pools in plans]); "conv2d": Conv1ds as conv2d where the
+# compiled step measures better so (NOTE [Conv layouts in compiled plans])
+COMPILE_OPTIONS = ("selective", "checkpoint", "pool", "conv2d")
 FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
 ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
 MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak
@@ -164,6 +166,8 @@ def bench_model(name, args, base, out_csv, deadline):
             labels = "+".join(f"{s.label}x{s.stop - s.start}" for s in plan.segments)
             if plan.pools:  # NOTE [Compact max-pools in plans]
                 labels += f"; {len(plan.pools)} max-pools compact"
+            if plan.convs_2d:  # NOTE [Conv layouts in compiled plans]
+                labels += f"; {len(plan.convs_2d)} Conv1d as conv2d"
             row["note"] = (f"budget {budget} B; predicted {plan.predicted_peak_bytes} B, extra "
                            f"{plan.predicted_extra_s * 1e3:.1f} ms ({plan.times}); planned in {planned_s:.0f} s; {labels}")
             print(plan.explain(), flush=True)

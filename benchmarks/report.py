@@ -72,10 +72,10 @@ def tiling_table() -> str:
 
 def _plan_text(note: str) -> str:
     """'checkpointx1+checkpointx1+keepx1' -> 'checkpoint x2, keep': runs of one option grouped; the
-    plan's compact max-pools ('; 7 max-pools compact') follow in brackets."""
+    plan's compact max-pools and convs as conv2d ('; 7 max-pools compact') follow in brackets."""
     fields = note.split("; ")
-    pools = next((f for f in fields if f.endswith("max-pools compact")), None)
-    tokens = [f for f in fields if f is not pools][-1].split("+")
+    extras = [f for f in fields if f.endswith(("max-pools compact", "Conv1d as conv2d"))]
+    tokens = [f for f in fields if f not in extras][-1].split("+")
     groups = []
     for token in tokens:
         label, _, count = token.rpartition("x")
@@ -90,7 +90,7 @@ def _plan_text(note: str) -> str:
     parts = []
     for (label, single), n in groups:
         parts.append(f"{label} x{n}" if single and n > 1 else label if single else f"{label} ({n} runs)" if n > 1 else f"{label} (run)")
-    return ", ".join(parts) + (f" ({pools})" if pools else "")
+    return ", ".join(parts) + (f" ({', '.join(extras)})" if extras else "")
 
 
 def optimize_table() -> str:

@@ -22,6 +22,7 @@ import convmem
 from _compare import assert_same_step, twin
 from convmem import zoo
 from convmem._units import format_bytes
+from convmem.nn import Conv1dAs2d
 from convmem.nn._wrapper import ModuleWrapper, wrapper_state
 from convmem.plan import Plan, PlanSegment, apply_
 from convmem.plan.costs import OPTIONS, ChainCosts, chain_costs
@@ -316,6 +317,61 @@ def test_uniform_plans_are_judged_under_compile(monkeypatch, case):
     assert (_uniform(plan) == "selective") == (case == "faster")
     assert plan.measured_peak_bytes <= budget
     assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes == plan.estimated_peak_bytes
+
+
+def _conv2d_measured(monkeypatch, faster: bool, judged: list) -> None:
+    """A stand-in GPU on which the compiled step with Conv1ds as conv2d keeps a fifth less and runs a
+    fifth faster (or slower); `judged` collects the conv2d names of every plan measured."""
+    def fake(plan):
+        judged.append(list(plan.convs_2d))
+        peak, step = plan.estimated_peak_bytes, 1.0 + plan.predicted_extra_s
+        if plan.convs_2d:
+            peak, step = peak * 4 // 5, step * (0.8 if faster else 1.2)
+        plan.measured_peak_bytes, plan.measured_step_s = peak, step
+
+    _compiled_measured_by(monkeypatch, fake)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_convs_run_as_conv2d_only_where_the_compiled_step_measures_better(monkeypatch, faster):
+    # NOTE [Conv layouts in compiled plans]: the untouched model is judged compiled both ways first,
+    # and every plan judged after it carries the layout chosen.
+    entry, first = _planned_at(0.8)
+    reference = twin(entry.model)
+    judged = []
+    _conv2d_measured(monkeypatch, faster, judged)
+    plan = optimize_(entry.model, *entry.inputs, budget=first.budget_bytes, loss_fn=entry.loss_fn,
+                     allow=EXACT + ("conv2d",), compiled=True)
+    convs = sorted(name for name, m in reference.named_modules() if type(m) is nn.Conv1d)
+    assert judged[:2] == [[], convs]  # the untouched model, then with every Conv1d as conv2d
+    assert all(set(later) <= set(plan.convs_2d) for later in judged[2:]) and len(judged) > 2
+    assert bool(plan.convs_2d) == faster and set(plan.convs_2d) <= set(convs)
+    swapped = sorted(name.replace(".wrapped", "") for name, m in entry.model.named_modules() if type(m) is Conv1dAs2d)
+    assert swapped == plan.convs_2d
+    assert ("Conv1d computed as conv2d" in plan.explain()) == faster
+    fresh = small("tcn", **TINY["tcn"])  # the same weights: a plan from its dict applies to a fresh model
+    apply_(fresh.model, Plan.from_dict(plan.to_dict()))
+    assert [type(m) for m in fresh.model.modules()].count(Conv1dAs2d) == len(plan.convs_2d)
+    assert_same_step(reference, fresh.model, entry.inputs, entry.loss_fn)
+
+
+def test_convs_inside_tiled_blocks_stay_conv1d(monkeypatch):
+    entry = small("tcn", **TINY["tcn"])
+    _conv2d_measured(monkeypatch, True, [])
+    plan = optimize_(entry.model, *entry.inputs, budget=0.55, loss_fn=entry.loss_fn, allow=("tile", "conv2d"),
+                     compiled=True)
+    tiled = [name for s in plan.segments if s.option == "tile" for name in plan.items[s.start:s.stop]]
+    assert tiled and plan.convs_2d, plan.explain()
+    assert not [c for c in plan.convs_2d for t in tiled if c.startswith(t + ".")]
+
+
+def test_conv2d_is_not_offered_to_eager_plans():
+    entry = small("tcn", **TINY["tcn"])
+    with pytest.warns(UserWarning, match="conv2d acts under torch.compile only"):
+        plan = optimize_(entry.model, *entry.inputs, budget=0.8, loss_fn=entry.loss_fn,
+                         allow=("checkpoint", "conv2d"), measure=False)
+    assert plan.convs_2d == []
+    assert not any(isinstance(m, Conv1dAs2d) for m in entry.model.modules())
 
 
 def test_a_compile_mode_reaches_the_judge_and_the_explanation(monkeypatch):

@@ -83,7 +83,7 @@ from .solver import ChainProblem, Choice, peak_of
 
 __all__ = ["ItemCost", "ChainCosts", "chain_costs", "chain_span", "fused_chains", "OPTIONS"]
 
-OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk", "fuse", "pool")
+OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk", "fuse", "pool", "conv2d")
 LOSSY_OPTIONS = ("bf16",)  # saved activations in bfloat16: nn/saved_precision.py, only with lossy=True
 _TILE_FRACTIONS = (2, 4, 8, 16, 32)  # candidate tile lengths: the input length over these
 _MIN_TILE = 256

@@ -24,6 +24,7 @@ from ..nn._wrapper import ModuleWrapper
 from ..nn.batch_chunked import BatchChunked
 from ..nn.checkpointed import Checkpointed
 from ..nn.compact_pool import CompactMaxPool1d, compact_pool_reason
+from ..nn.conv_as_2d import Conv1dAs2d, conv_as_2d_reason
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..strategies._common import swap_modules
@@ -84,6 +85,8 @@ class Plan:
     structure: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     costs: Optional[ChainCosts] = None
     pools: List[str] = dataclasses.field(default_factory=list)  # run compact: NOTE [Compact max-pools in plans]
+    # Conv1ds computed as conv2d for Inductor's layouts: NOTE [Conv layouts in compiled plans]
+    convs_2d: List[str] = dataclasses.field(default_factory=list)
 
     # ------------------------------------------------------------------ what it says
     def explain(self) -> str:
@@ -108,6 +111,9 @@ class Plan:
         if self.pools:
             shown = ", ".join(self.pools[:4]) + (f" and {len(self.pools) - 4} more" if len(self.pools) > 4 else "")
             lines.append(f"  max-pools keeping int8 window offsets instead of their input and int64 indices: {shown}")
+        if self.convs_2d:
+            lines.append(f"  {len(self.convs_2d)} Conv1d computed as conv2d, for torch.compile's channels-last layouts "
+                         "(the compiled step measured faster so)")
         if self.estimated_peak_bytes is not None:
             lines.append(f"  estimate of the optimized model (convmem.profile): {format_bytes(self.estimated_peak_bytes)}")
         if any(s.option == "bf16" for s in self.segments):
@@ -205,15 +211,17 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
         have = len(model.get_submodule(plan.chain))
         if have != expected:
             raise ValueError(f"apply_: {plan.chain!r} has {have} items here, the plan was made for {expected}")
-    for name in plan.pools:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"apply_: this plan runs a max-pool {name!r} compactly; {type(model).__name__} "
-                             "has no module of that name") from None
-        reason = compact_pool_reason(module)
-        if reason is not None:
-            raise ValueError(f"apply_: this plan runs the max-pool {name!r} compactly; here it is {reason}")
+    for names, what, reason_of in ((plan.pools, "runs the max-pool {!r} compactly", compact_pool_reason),
+                                   (plan.convs_2d, "computes the Conv1d {!r} as a conv2d", conv_as_2d_reason)):
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"apply_: this plan {what.format(name)}; {type(model).__name__} "
+                                 "has no module of that name") from None
+            reason = reason_of(module)
+            if reason is not None:
+                raise ValueError(f"apply_: this plan {what.format(name)}; here it is {reason}")
     planned = {name for name, _ in plan.structure}
     for name, cls in structure_of(model, plan.items, plan.chain):
         if name not in planned:
@@ -281,17 +289,19 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     first, last = chain_span(plan.items, plan.chain)
     # the chain's segments; the modules beside it take theirs one by one (NOTE [Modules beside the blocks])
     inside = [seg for seg in plan.segments if first <= seg.start < last]
-    undo_pools = swap_modules(model, {name: CompactMaxPool1d(model.get_submodule(name)) for name in plan.pools})
+    # modules inside the blocks first, then the blocks' wrappers around them
+    undo_inner = swap_modules(model, {**{name: CompactMaxPool1d(model.get_submodule(name)) for name in plan.pools},
+                                      **{name: Conv1dAs2d(model.get_submodule(name)) for name in plan.convs_2d}})
     try:
         replacements = _item_wrappers(model, plan, inside, multi)
     except Exception:
-        undo_pools()
+        undo_inner()
         raise
     undo_blocks = swap_modules(model, replacements)
 
     def undo() -> None:
         undo_blocks()
-        undo_pools()
+        undo_inner()
 
     try:
         if multi and inside:

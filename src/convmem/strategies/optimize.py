@@ -54,6 +54,19 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # At most two such rounds, and only when measuring on a GPU: the estimate alone has no measured
 # time to settle a faster-on-paper plan.
 #
+# NOTE [Conv layouts in compiled plans]
+# Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
+# height of one (`Conv1dAs2d`, NOTE [Conv1d as conv2d under torch.compile] in nn/conv_as_2d.py),
+# which lets Inductor choose channels-last layouts for the convolutions. Nothing in the eager costs
+# sees it -- the eager step is the same -- and what it does compiled is the model's: on an H200 it
+# took wav2vec 2.0's feature encoder from 4.948 GiB at 22.2 ms to 3.966 GiB at 18.8, and made four
+# other zoo models 7-127% slower. So on a GPU optimize_ first judges the untouched model compiled
+# both ways (two more compilations), and plans with every Conv1d as conv2d only when that step is
+# no slower and no larger, and better in one; every plan judged afterwards is measured with them,
+# so the rounds and the slack (NOTE [Using the slack]) see what they do. Convs inside tiled blocks
+# keep their Conv1d (the tiles' analysis reads Conv1d calls). Without a GPU nothing is measured and
+# no Conv1d is swapped. Eager plans drop the option (with a warning when `allow` names it).
+#
 # NOTE [Uniform plans under compile]
 # The option costs are eager costs, and a compiled step follows them in neither memory nor time:
 # on an H200, basenji with every block selective compiled to 1.599 GiB at 19.5 ms, faster than the
@@ -93,13 +106,14 @@ import gc
 import math
 import sys
 import warnings
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._units import format_bytes, parse_bytes
 from ..nn._wrapper import ModuleWrapper, restore_
+from ..nn.conv_as_2d import convs_as_2d
 from ..plan.costs import LOSSY_OPTIONS, OPTIONS, ChainCosts, chain_costs
 from ..plan.plan import Plan, PlanSegment, apply_, structure_of
 from ..plan.solver import ChainProblem, min_peak, solve
@@ -114,7 +128,20 @@ _ROUNDS = 6
 _SLACK_ROUNDS = 2  # NOTE [Using the slack]
 _SLACK_SHARE = 20  # a measured peak this share of the budget under it (5%) is worth another round
 _MEASURED_MARGIN = 500  # 0.2%: what a measured peak may differ by when measured again
-_UNIFORM_OPTIONS = ("keep", "selective", "checkpoint")  # NOTE [Uniform plans under compile]
+_UNIFORM_OPTIONS = ("keep", "selective", "checkpoint")  # NOTE [Conv layouts in compiled plans]
+# Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
+# height of one (`Conv1dAs2d`, NOTE [Conv1d as conv2d under torch.compile] in nn/conv_as_2d.py),
+# which lets Inductor choose channels-last layouts for the convolutions. Nothing in the eager costs
+# sees it -- the eager step is the same -- and what it does compiled is the model's: on an H200 it
+# took wav2vec 2.0's feature encoder from 4.948 GiB at 22.2 ms to 3.966 GiB at 18.8, and made four
+# other zoo models 7-127% slower. So on a GPU optimize_ first judges the untouched model compiled
+# both ways (two more compilations), and plans with every Conv1d as conv2d only when that step is
+# no slower and no larger, and better in one; every plan judged afterwards is measured with them,
+# so the rounds and the slack (NOTE [Using the slack]) see what they do. Convs inside tiled blocks
+# keep their Conv1d (the tiles' analysis reads Conv1d calls). Without a GPU nothing is measured and
+# no Conv1d is swapped. Eager plans drop the option (with a warning when `allow` names it).
+#
+# NOTE [Uniform plans under compile]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA graphs]
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
@@ -123,6 +150,7 @@ _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, f
 # for compiled models]). Compact pools are offered: their autograd Function compiles (NOTE [Compact
 # max-pool]).
 _EAGER_ONLY = ("offload", "chunk", "fuse")
+_COMPILED_ONLY = ("conv2d",)  # NOTE [Conv layouts in compiled plans]
 Budget = Union[int, float, str]
 
 
@@ -141,7 +169,7 @@ class InfeasibleBudget(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig(ConfigDict):
     """``allow``: the options the planner may use, a subset of ("selective", "checkpoint", "tile",
-    "offload", "chunk", "fuse", "pool"); "keep" is always allowed."""
+    "offload", "chunk", "fuse", "pool", "conv2d"); "keep" is always allowed."""
 
     allow: Tuple[str, ...] = OPTIONS
     lossy: bool = False
@@ -268,6 +296,13 @@ def optimize_(
             warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} do nothing under torch.compile (they act in eager "
                           "mode only); planning the compiled model without them", stacklevel=2)
         config = OptimizeConfig(allow=tuple(a for a in config.allow if a not in _EAGER_ONLY), lossy=False)
+    else:
+        dropped = [a for a in config.allow if a in _COMPILED_ONLY]
+        if dropped and config.allow != OPTIONS:
+            warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} acts under torch.compile only (NOTE [Conv layouts in "
+                          "compiled plans]); planning the eager model without it; pass compiled=True to plan "
+                          "compiled training", stacklevel=2)
+        config = dataclasses.replace(config, allow=tuple(a for a in config.allow if a not in _COMPILED_ONLY))
     say = _progress(progress)
     allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
 
@@ -289,9 +324,12 @@ def optimize_(
     here = length is None or length == costs.length  # the plan is for the example: apply and check it
     measuring = here and measure is not False and _on_cuda(model, inputs)
 
-    def make(solution) -> Plan:
+    layout: List[str] = []  # NOTE [Conv layouts in compiled plans]: the Conv1ds computed as conv2d
+
+    def make(solution, convs_2d: Optional[List[str]] = None) -> Plan:
         # NOTE [Compact max-pools in plans]: a budget the untouched model meets leaves it untouched
         untouched = eager_peak <= target and all(c.option == "keep" for c in solution.segments)
+        tiled = [n for c in solution.segments if c.option == "tile" for n in names[c.start:c.stop]]
         return Plan(
             model=type(model).__name__, items=names, chain=costs.chain,
             segments=[PlanSegment.from_choice(c) for c in solution.segments], budget_bytes=target,
@@ -300,6 +338,8 @@ def optimize_(
             eager_peak_bytes=eager_peak, times=costs.times, structure=structure, costs=costs,
             eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
             pools=[] if untouched else list(costs.pools),
+            convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
+                      if not any(n.startswith(t + ".") for t in tiled)],
         )
 
     def judged(plan: Plan) -> int:
@@ -396,6 +436,34 @@ def optimize_(
                 apply_(model, best)
         return best
 
+    def choose_layout() -> List[str]:
+        """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
+        compiled step measures no slower and no larger so, and better on one of the two."""
+        candidates = sorted(convs_as_2d(model))
+        keep_all = min_peak(ChainProblem(problem.n_items, problem.base,
+                                         [c for c in problem.choices if c.option == "keep"], problem.forward_base))
+        if not candidates or keep_all is None:
+            return []
+        measured = []
+        for convs in ([], candidates):
+            say(f"judging the untouched model compiled with {'its Conv1ds as conv2d' if convs else 'its Conv1ds'}")
+            plan = make(keep_all, convs)
+            try:
+                peak = judged(plan)
+            except torch.cuda.OutOfMemoryError:
+                return []
+            finally:
+                restore_(model)
+            measured.append((peak, plan.measured_step_s))
+        (peak_1d, step_1d), (peak_2d, step_2d) = measured
+        better = peak_2d <= peak_1d and step_2d <= step_1d and (peak_2d < peak_1d or step_2d < step_1d)
+        say(f"Conv1ds as conv2d: {format_bytes(peak_2d)} at {step_2d * 1e3:.1f} ms against {format_bytes(peak_1d)} "
+            f"at {step_1d * 1e3:.1f} ms; " + ("planning with them" if better else "planning without them"))
+        return candidates if better else []
+
+    if compiled and measuring and "conv2d" in allowed:
+        layout = choose_layout()
+
     solver_budget = target
     for _ in range(_ROUNDS):
         solution = solve(problem, solver_budget)
@@ -416,7 +484,20 @@ def optimize_(
         solver_budget = min(solver_budget, solution.peak) - (peak - target) - target // 200
 
     if here:
-        rescued = uniform_plans(None)  # NOTE [Uniform plans under compile]
+        rescued = uniform_plans(None)  # NOTE [Conv layouts in compiled plans]
+# Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
+# height of one (`Conv1dAs2d`, NOTE [Conv1d as conv2d under torch.compile] in nn/conv_as_2d.py),
+# which lets Inductor choose channels-last layouts for the convolutions. Nothing in the eager costs
+# sees it -- the eager step is the same -- and what it does compiled is the model's: on an H200 it
+# took wav2vec 2.0's feature encoder from 4.948 GiB at 22.2 ms to 3.966 GiB at 18.8, and made four
+# other zoo models 7-127% slower. So on a GPU optimize_ first judges the untouched model compiled
+# both ways (two more compilations), and plans with every Conv1d as conv2d only when that step is
+# no slower and no larger, and better in one; every plan judged afterwards is measured with them,
+# so the rounds and the slack (NOTE [Using the slack]) see what they do. Convs inside tiled blocks
+# keep their Conv1d (the tiles' analysis reads Conv1d calls). Without a GPU nothing is measured and
+# no Conv1d is swapped. Eager plans drop the option (with a warning when `allow` names it).
+#
+# NOTE [Uniform plans under compile]
         if rescued is not None:
             return _report_lossy(rescued)
 
@@ -444,7 +525,20 @@ def optimize_(
                 peak += peak // _MEASURED_MARGIN
         if smallest is None or peak < smallest:
             smallest, best = peak, plan
-    for peak, plan in judged_uniform:  # NOTE [Uniform plans under compile]: they count for the floor too
+    for peak, plan in judged_uniform:  # NOTE [Conv layouts in compiled plans]
+# Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
+# height of one (`Conv1dAs2d`, NOTE [Conv1d as conv2d under torch.compile] in nn/conv_as_2d.py),
+# which lets Inductor choose channels-last layouts for the convolutions. Nothing in the eager costs
+# sees it -- the eager step is the same -- and what it does compiled is the model's: on an H200 it
+# took wav2vec 2.0's feature encoder from 4.948 GiB at 22.2 ms to 3.966 GiB at 18.8, and made four
+# other zoo models 7-127% slower. So on a GPU optimize_ first judges the untouched model compiled
+# both ways (two more compilations), and plans with every Conv1d as conv2d only when that step is
+# no slower and no larger, and better in one; every plan judged afterwards is measured with them,
+# so the rounds and the slack (NOTE [Using the slack]) see what they do. Convs inside tiled blocks
+# keep their Conv1d (the tiles' analysis reads Conv1d calls). Without a GPU nothing is measured and
+# no Conv1d is swapped. Eager plans drop the option (with a warning when `allow` names it).
+#
+# NOTE [Uniform plans under compile]: they count for the floor too
         peak += peak // _MEASURED_MARGIN
         if smallest is None or peak < smallest:
             smallest, best = peak, plan
