@@ -195,6 +195,7 @@ SECTIONS = {
     "graphed": lambda: strategy_table("graphed"),
     "fused_chains": lambda: strategy_table("fused_chains"),
     "compact_pools": lambda: strategy_table("compact_pools"),
+    "conv_layout": lambda: strategy_table("conv_layout"),
     # eager and both compiled variants of the newest run only (the older run's compile_default
     # row came from another machine)
     "compiled_outputs": lambda: strategy_table("compiled_outputs", only={
