@@ -128,20 +128,7 @@ _ROUNDS = 6
 _SLACK_ROUNDS = 2  # NOTE [Using the slack]
 _SLACK_SHARE = 20  # a measured peak this share of the budget under it (5%) is worth another round
 _MEASURED_MARGIN = 500  # 0.2%: what a measured peak may differ by when measured again
-_UNIFORM_OPTIONS = ("keep", "selective", "checkpoint")  # NOTE [Conv layouts in compiled plans]
-# Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
-# height of one (`Conv1dAs2d`, NOTE [Conv1d as conv2d under torch.compile] in nn/conv_as_2d.py),
-# which lets Inductor choose channels-last layouts for the convolutions. Nothing in the eager costs
-# sees it -- the eager step is the same -- and what it does compiled is the model's: on an H200 it
-# took wav2vec 2.0's feature encoder from 4.948 GiB at 22.2 ms to 3.966 GiB at 18.8, and made four
-# other zoo models 7-127% slower. So on a GPU optimize_ first judges the untouched model compiled
-# both ways (two more compilations), and plans with every Conv1d as conv2d only when that step is
-# no slower and no larger, and better in one; every plan judged afterwards is measured with them,
-# so the rounds and the slack (NOTE [Using the slack]) see what they do. Convs inside tiled blocks
-# keep their Conv1d (the tiles' analysis reads Conv1d calls). Without a GPU nothing is measured and
-# no Conv1d is swapped. Eager plans drop the option (with a warning when `allow` names it).
-#
-# NOTE [Uniform plans under compile]
+_UNIFORM_OPTIONS = ("keep", "selective", "checkpoint")  # NOTE [Uniform plans under compile]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA graphs]
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
@@ -484,20 +471,7 @@ def optimize_(
         solver_budget = min(solver_budget, solution.peak) - (peak - target) - target // 200
 
     if here:
-        rescued = uniform_plans(None)  # NOTE [Conv layouts in compiled plans]
-# Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
-# height of one (`Conv1dAs2d`, NOTE [Conv1d as conv2d under torch.compile] in nn/conv_as_2d.py),
-# which lets Inductor choose channels-last layouts for the convolutions. Nothing in the eager costs
-# sees it -- the eager step is the same -- and what it does compiled is the model's: on an H200 it
-# took wav2vec 2.0's feature encoder from 4.948 GiB at 22.2 ms to 3.966 GiB at 18.8, and made four
-# other zoo models 7-127% slower. So on a GPU optimize_ first judges the untouched model compiled
-# both ways (two more compilations), and plans with every Conv1d as conv2d only when that step is
-# no slower and no larger, and better in one; every plan judged afterwards is measured with them,
-# so the rounds and the slack (NOTE [Using the slack]) see what they do. Convs inside tiled blocks
-# keep their Conv1d (the tiles' analysis reads Conv1d calls). Without a GPU nothing is measured and
-# no Conv1d is swapped. Eager plans drop the option (with a warning when `allow` names it).
-#
-# NOTE [Uniform plans under compile]
+        rescued = uniform_plans(None)  # NOTE [Uniform plans under compile]
         if rescued is not None:
             return _report_lossy(rescued)
 
@@ -525,20 +499,7 @@ def optimize_(
                 peak += peak // _MEASURED_MARGIN
         if smallest is None or peak < smallest:
             smallest, best = peak, plan
-    for peak, plan in judged_uniform:  # NOTE [Conv layouts in compiled plans]
-# Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
-# height of one (`Conv1dAs2d`, NOTE [Conv1d as conv2d under torch.compile] in nn/conv_as_2d.py),
-# which lets Inductor choose channels-last layouts for the convolutions. Nothing in the eager costs
-# sees it -- the eager step is the same -- and what it does compiled is the model's: on an H200 it
-# took wav2vec 2.0's feature encoder from 4.948 GiB at 22.2 ms to 3.966 GiB at 18.8, and made four
-# other zoo models 7-127% slower. So on a GPU optimize_ first judges the untouched model compiled
-# both ways (two more compilations), and plans with every Conv1d as conv2d only when that step is
-# no slower and no larger, and better in one; every plan judged afterwards is measured with them,
-# so the rounds and the slack (NOTE [Using the slack]) see what they do. Convs inside tiled blocks
-# keep their Conv1d (the tiles' analysis reads Conv1d calls). Without a GPU nothing is measured and
-# no Conv1d is swapped. Eager plans drop the option (with a warning when `allow` names it).
-#
-# NOTE [Uniform plans under compile]: they count for the floor too
+    for peak, plan in judged_uniform:  # NOTE [Uniform plans under compile]: they count for the floor too
         peak += peak // _MEASURED_MARGIN
         if smallest is None or peak < smallest:
             smallest, best = peak, plan
