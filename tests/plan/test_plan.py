@@ -144,6 +144,28 @@ def test_every_option_applies_exactly(case):
     assert type_names(entry.model) == types
 
 
+def test_chunks_of_several_samples_cost_between_one_sample_and_checkpointing_and_apply_exactly():
+    # NOTE [Chunk sizes]: a batch of 4 is offered chunks of one sample and of two
+    from convmem.nn import BatchChunked
+
+    entry = small("tcn", batch=4)
+    reference = twin(entry.model)
+    base = optimize_(entry.model, *entry.inputs, budget=1.0, loss_fn=entry.loss_fn, measure=False)
+    problem = base.costs.problem(("chunk", "checkpoint"))
+    for i in range(len(base.items)):
+        one, two = [c for c in problem.choices if c.option == "chunk" and c.start == i]
+        (checkpoint,) = [c for c in problem.choices if c.option == "checkpoint" and (c.start, c.stop) == (i, i + 1)]
+        assert (one.batch_chunk, two.batch_chunk, one.label, two.label) == (None, 2, "chunk", "chunk 2")
+        assert one.working < two.working and one.kept == two.kept
+        assert one.extra_s > two.extra_s >= checkpoint.extra_s
+    segments = [PlanSegment(i, i + 1, "chunk", batch_chunk=2 if i % 2 else None) for i in range(len(base.items))]
+    plan = Plan.from_json(dataclasses.replace(base, segments=segments).to_json())
+    apply_(entry.model, plan)
+    sizes = [m.batch_chunk for m in entry.model.modules() if isinstance(m, BatchChunked)]
+    assert sizes == [1, 2] * (len(segments) // 2)
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn)
+
+
 def test_hand_made_plan_on_a_model_without_a_chain():
     entry = small("wavenet")
     base = optimize_(entry.model, *entry.inputs, budget=1.0, loss_fn=entry.loss_fn, measure=False)

@@ -44,7 +44,7 @@ class PlanSegment:
     stop: int
     option: str
     tile_length: Optional[int] = None
-    batch_chunk: Optional[int] = None  # samples per backward recomputation of a tiled segment
+    batch_chunk: Optional[int] = None  # samples per backward recomputation of a tiled or chunked segment
     kept_bytes: int = 0  # predicted: held from forward to backward
     working_bytes: int = 0  # predicted: held while its backward runs
     extra_s: float = 0.0  # predicted extra step time
@@ -55,6 +55,8 @@ class PlanSegment:
 
     @property
     def label(self) -> str:
+        if self.option == "chunk" and self.batch_chunk:  # NOTE [Chunk sizes] in costs.py
+            return f"chunk {self.batch_chunk}"
         if self.option != "tile":
             return self.option
         return f"tile {self.tile_length}" + (f", batch chunk {self.batch_chunk}" if self.batch_chunk else "")
@@ -253,7 +255,7 @@ def _item_wrappers(model: nn.Module, plan: Plan, inside: List[PlanSegment], mult
             elif seg.option == "tile":
                 replacements[name] = Tiled(module, seg.tile_length, name=name)
             elif seg.option == "chunk":
-                replacements[name] = BatchChunked(module, 1)
+                replacements[name] = BatchChunked(module, seg.batch_chunk or 1)  # NOTE [Chunk sizes]
             elif seg.option == "fuse":
                 replacements.update(fused_chains(model, name))  # NOTE [Fused chains as an option]
             elif seg.option == "bf16":

@@ -62,6 +62,8 @@ class Choice:
 
     @property
     def label(self) -> str:
+        if self.option == "chunk" and self.batch_chunk:  # NOTE [Chunk sizes] in costs.py
+            return f"chunk {self.batch_chunk}"
         if self.option != "tile":
             return self.option
         return f"tile {self.tile_length}" + (f"/{self.batch_chunk}" if self.batch_chunk else "")
