@@ -209,6 +209,20 @@ def test_the_compiled_backward_agrees_with_the_eager_one(geometry):
             _scatter_to_maxima(grad, offsets, x.shape, kernel, stride, padding, dilation), rtol=0, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's CUDA lowering of max-pool's backward needs a GPU")
+@pytest.mark.parametrize("geometry", [(2, 2, 0), (3, 2, 1), (4, 4, 2)])
+def test_on_cuda_compiled_gradients_are_max_pools_own(geometry):
+    # under torch.compile the backward is max-pool's own op on rebuilt indices (NOTE [Compact max-pool])
+    torch._dynamo.reset()
+    pool = nn.MaxPool1d(*geometry)
+    x = torch.randint(-3, 3, (4, 16, 4099), generator=torch.Generator().manual_seed(3)).float().cuda()
+    grad = seeded_randn(*pool(x).shape, seed=1, dtype=torch.float32).cuda()
+    out, gx = _grads(torch.compile(CompactMaxPool1d(pool)), x, grad)
+    ref_out, ref_gx = _grads(pool, x, grad)
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(not _has_c_compiler(), reason="torch.compile's inductor backend needs a C compiler")
 def test_compiled_keeps_neither_the_pools_input_nor_int64_indices():
     torch._dynamo.reset()

@@ -81,3 +81,20 @@ def test_skip_leaves_the_convs_inside_named_modules():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Sequential(nn.Conv1d(2, 2, 3), nn.Conv1d(2, 2, 1)), nn.Conv1d(2, 1, 1))
     assert sorted(convs_as_2d(model, skip=("1",))) == ["0", "2"]
     assert sorted(convs_as_2d(model, skip=("1.0",))) == ["0", "1.1", "2"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_on_cuda_compiled_outputs_and_gradients_are_the_conv1ds(geometry):
+    # cuDNN picks its own algorithms for each (TF32 by default for convolutions): compared in float64
+    cin, cout, k, s, p, d, g, bias = geometry
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    conv = nn.Conv1d(cin, cout, k, s, p, d, g, bias).double().cuda()
+    x = seeded_randn(2, cin, 257).cuda().requires_grad_()
+    reference = conv(x)
+    grads = torch.autograd.grad(reference.square().sum(), (x, *conv.parameters()))
+    out = torch.compile(Conv1dAs2d(conv))(x)
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+    for got, want in zip(torch.autograd.grad(out.square().sum(), (x, *conv.parameters())), grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
