@@ -209,57 +209,38 @@ def convmem_fused_chains(entry) -> Optional[Prepared]:
     return Prepared(entry.model, entry.inputs, entry.loss_fn, note=f"{chains} chains fused")
 
 
-def with_compact_pools(prepare: Callable) -> Callable:
-    """`prepare` on the model with every max-pool compact (NOTE [Compact max-pool] in nn/compact_pool.py)."""
+def _with_swaps(prepare: Callable, find: Callable, what: str) -> Callable:
+    """`prepare` on the model with the modules `find(model)` names swapped in (None when it names
+    none); the note counts them: "7 max-pools compact"."""
 
-    def prepare_compact(entry) -> Optional[Prepared]:
-        from convmem.nn.compact_pool import compact_pools
+    def prepare_swapped(entry) -> Optional[Prepared]:
         from convmem.strategies._common import swap_modules
 
-        pools = compact_pools(entry.model)
-        if not pools:
+        swaps = find(entry.model)
+        if not swaps:
             return None
-        swap_modules(entry.model, pools)
+        swap_modules(entry.model, swaps)
         prepared = prepare(entry)
         if prepared is not None:
-            prepared.note = "; ".join(n for n in (prepared.note, f"{len(pools)} max-pools compact") if n)
+            prepared.note = "; ".join(n for n in (prepared.note, f"{len(swaps)} {what}") if n)
         return prepared
 
-    return prepare_compact
+    return prepare_swapped
 
 
-class _Conv1dAs2d(nn.Module):
-    """A Conv1d run as a conv2d over (batch, channels, 1, length): a probe of whether Inductor's
-    layout optimization (channels-last convolutions, which it applies to conv2d only) spares cuDNN
-    the NCHW <-> NHWC transposes it runs around every Conv1d on an H100/H200."""
+def with_compact_pools(prepare: Callable) -> Callable:
+    """`prepare` on the model with every max-pool compact (NOTE [Compact max-pool] in nn/compact_pool.py)."""
+    from convmem.nn.compact_pool import compact_pools
 
-    def __init__(self, conv: nn.Conv1d):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        padding = c.padding if isinstance(c.padding, str) else (0, c.padding[0])
-        out = nn.functional.conv2d(x.unsqueeze(-2), c.weight.unsqueeze(-2), c.bias, (1, c.stride[0]), padding,
-                                   (1, c.dilation[0]), c.groups)
-        return out.squeeze(-2)
+    return _with_swaps(prepare, compact_pools, "max-pools compact")
 
 
 def with_convs_as_2d(prepare: Callable) -> Callable:
-    """`prepare` on the model with every zero-padded Conv1d run as a conv2d (`_Conv1dAs2d`)."""
+    """`prepare` on the model with every Conv1d computed as a conv2d (NOTE [Conv1d as conv2d under
+    torch.compile] in nn/conv_as_2d.py)."""
+    from convmem.nn.conv_as_2d import convs_as_2d
 
-    def prepare_2d(entry) -> Optional[Prepared]:
-        from convmem.strategies._common import swap_modules
-
-        convs = {name: _Conv1dAs2d(m) for name, m in entry.model.named_modules()
-                 if type(m) is nn.Conv1d and m.padding_mode == "zeros"}
-        swap_modules(entry.model, convs)
-        prepared = prepare(entry)
-        if prepared is not None:
-            prepared.note = "; ".join(n for n in (prepared.note, f"{len(convs)} Conv1d as conv2d") if n)
-        return prepared
-
-    return prepare_2d
+    return _with_swaps(prepare, convs_as_2d, "Conv1d as conv2d")
 
 
 CONVMEM: Dict[str, Callable] = {
