@@ -23,8 +23,9 @@
 # 0.67 GiB more without the swap: that op takes the pool's input, for its shape alone, and the
 # compact pool hands it an uninitialised tensor of that shape instead. On an H200 (three runs of
 # benchmarks/run.py compact_pools, commit b63ffb2): Basenji compiled as it is 2.739 GiB at 18.1,
-# 18.2 and 19.0 ms, with the pools compact 2.070 GiB at 18.3, 18.3 and 18.1 ms (the slot loop had
-# cost 1 ms compiled: each strided add became a copy of the whole gradient); every block
+# 18.2 and 19.0 ms, with the pools compact 2.070 GiB at 18.3, 18.3 and 18.1 ms (with the slot loop
+# compiled it had measured up to 1.3 ms slower: each strided add became a copy of the whole
+# gradient); every block
 # selective, 1.554 GiB either way (selective blocks recompute the pools' inputs already). On torch
 # 2.13 (CPU) a compiled ``nn.MaxPool1d`` keeps no input, and the swap changes nothing there.
 """

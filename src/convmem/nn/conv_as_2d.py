@@ -3,8 +3,8 @@
 # NOTE [Conv1d as conv2d under torch.compile]
 # Inductor's layout optimization runs convolutions channels-last where that pays, and decides it
 # for 4-d inputs only: a Conv1d's 3-d input stays channels-first, and cuDNN's Hopper kernels, which
-# are channels-last, transpose around every call (on an H200 the transposes took 2.3 of Basenji's
-# 16.3 ms of kernels). `Conv1dAs2d` computes the same convolution as ``conv2d`` on
+# are channels-last, transpose around every call (on an H200 the three largest transposes took
+# 2.3 of Basenji's 16.3 ms of kernels compiled). `Conv1dAs2d` computes the same convolution as ``conv2d`` on
 # ``(batch, channels, 1, length)`` with the weight viewed ``(out, in, 1, kernel)``: the same sums of
 # the same products, with the Conv1d's own parameters, so a compiled model may lay it out its way.
 # Whether that pays is the model's: measured on an H200 (benchmarks/run.py conv_layout, compiled
@@ -66,10 +66,9 @@ class Conv1dAs2d(ModuleWrapper):
         return "as conv2d"
 
 
-def convs_as_2d(model: nn.Module, skip=()) -> Dict[str, Conv1dAs2d]:
-    """A `Conv1dAs2d` for every Conv1d of `model` that can be one, is not one already and is not
-    inside a module named in `skip` (with its submodules), by name; nothing is swapped."""
+def convs_as_2d(model: nn.Module) -> Dict[str, Conv1dAs2d]:
+    """A `Conv1dAs2d` for every Conv1d of `model` that can be one and is not one already, by name;
+    nothing is swapped (`optimize_` swaps them: NOTE [Conv layouts in compiled plans])."""
     inside = {id(m.wrapped) for m in model.modules() if isinstance(m, Conv1dAs2d)}
     return {name: Conv1dAs2d(module) for name, module in model.named_modules()
-            if name and id(module) not in inside and conv_as_2d_reason(module) is None
-            and not any(name == s or name.startswith(s + ".") for s in skip)}
+            if name and id(module) not in inside and conv_as_2d_reason(module) is None}

@@ -402,8 +402,7 @@ def optimize_(
         for option in _UNIFORM_OPTIONS:
             if option != "keep" and option not in allowed:
                 continue
-            uniform = min_peak(ChainProblem(problem.n_items, problem.base,
-                                            [c for c in problem.choices if c.option == option], problem.forward_base))
+            uniform = _every_item(problem, option)
             if uniform is None or (best is not None and _layout(best.segments) == _layout(uniform.segments)):
                 continue
             restore_(model)
@@ -427,8 +426,7 @@ def optimize_(
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
         candidates = sorted(convs_as_2d(model))
-        keep_all = min_peak(ChainProblem(problem.n_items, problem.base,
-                                         [c for c in problem.choices if c.option == "keep"], problem.forward_base))
+        keep_all = _every_item(problem, "keep")
         if not candidates or keep_all is None:
             return []
         measured = []
@@ -506,9 +504,7 @@ def optimize_(
     if smallest is None or eager_peak < smallest:
         # On small inputs fixed costs (a tile's windows, a wrapper's buffers) can outweigh what an
         # option saves: then the least peak is the untouched step's, with every block kept.
-        keep = [c for c in problem.choices if c.option == "keep"]
-        smallest, best = eager_peak, make(min_peak(ChainProblem(problem.n_items, problem.base, keep,
-                                                                problem.forward_base)))
+        smallest, best = eager_peak, make(_every_item(problem, "keep"))
     lossy_min = _lossy_min(costs, config.allow, plan_length)
     if config.lossy:
         lossy_text = ""
@@ -525,6 +521,12 @@ def optimize_(
         "and FLOPs, not activation memory (docs/lossy.md).",
         smallest, lossy_min, costs=costs, plan=best,
     )
+
+
+def _every_item(problem: ChainProblem, option: str):
+    """The solution that runs every item with `option` (the least peak of those), or None."""
+    return min_peak(ChainProblem(problem.n_items, problem.base, [c for c in problem.choices if c.option == option],
+                                 problem.forward_base))
 
 
 def _layout(segments) -> Tuple:
