@@ -149,7 +149,8 @@ def bench_model(name, args, base, out_csv, deadline):
         def work(entry):
             began = time.time()
             plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=allow,
-                             autocast=autocast, compiled=mode or compiled, costs=costs.get((regime, allow)))
+                             autocast=autocast, compiled=mode or compiled, costs=costs.get((regime, allow)),
+                             progress=args.progress)
             costs[(regime, allow)] = plan.costs
             planned_s = time.time() - began
             if compiled:
@@ -212,6 +213,7 @@ def main(argv=None):
     parser.add_argument("--compile-mode", choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
                         help="plan and run the compiled rows in this torch.compile mode (reduce-overhead: CUDA "
                              "graphs, the pool counts in the peak); their names end in the mode's name")
+    parser.add_argument("--progress", action="store_true", help="print what optimize_ does (the plans it judges)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the plan at the smallest feasible budget (run when some budget is infeasible)")
