@@ -276,24 +276,20 @@ def optimize_(
                         f"got {compiled!r}")
     compile_mode = compiled if isinstance(compiled, str) and compiled != "default" else None
     compiled = compiled is not False
-    if compiled:
-        # NOTE [Plans for compiled models]: options that are no-ops in compiled code are not offered.
-        if config.lossy:
-            raise ValueError(f"{_STRATEGY}: lossy=True keeps saved activations in bfloat16 through saved-tensor "
-                             "hooks, which torch.compile does not run; plan compiled training with lossy=False "
-                             "(or train under torch.autocast)")
-        dropped = [a for a in config.allow if a in _EAGER_ONLY]
-        if dropped and config.allow != OPTIONS:  # named by the caller, not the default
-            warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} do nothing under torch.compile (they act in eager "
-                          "mode only); planning the compiled model without them", stacklevel=2)
-        config = OptimizeConfig(allow=tuple(a for a in config.allow if a not in _EAGER_ONLY), lossy=False)
-    else:
-        dropped = [a for a in config.allow if a in _COMPILED_ONLY]
-        if dropped and config.allow != OPTIONS:
-            warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} acts under torch.compile only (NOTE [Conv layouts in "
-                          "compiled plans]); planning the eager model without it; pass compiled=True to plan "
-                          "compiled training", stacklevel=2)
-        config = dataclasses.replace(config, allow=tuple(a for a in config.allow if a not in _COMPILED_ONLY))
+    if compiled and config.lossy:
+        raise ValueError(f"{_STRATEGY}: lossy=True keeps saved activations in bfloat16 through saved-tensor "
+                         "hooks, which torch.compile does not run; plan compiled training with lossy=False "
+                         "(or train under torch.autocast)")
+    # Options that do nothing in this mode are not offered (NOTE [Plans for compiled models], NOTE
+    # [Conv layouts in compiled plans]); named by the caller, not the default, they are warned about.
+    not_here = _EAGER_ONLY if compiled else _COMPILED_ONLY
+    dropped = [a for a in config.allow if a in not_here]
+    if dropped and config.allow != OPTIONS:
+        why = ("do nothing under torch.compile (they act in eager mode only); planning the compiled model without "
+               "them" if compiled else "acts under torch.compile only (NOTE [Conv layouts in compiled plans]); "
+               "planning the eager model without it; pass compiled=True to plan compiled training")
+        warnings.warn(f"{_STRATEGY}: {', '.join(dropped)} {why}", stacklevel=2)
+    config = dataclasses.replace(config, allow=tuple(a for a in config.allow if a not in not_here))
     say = _progress(progress)
     allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
 
