@@ -19,7 +19,8 @@ Per model, in one process on one card:
    ``--match-compiled`` does the same with the plan run under torch.compile, in the anchor's
    precision ("convmem_at_<anchor>_compiled"): an eager anchor met by a compiled plan;
 4. plans under bf16 autocast (``--bf16``, shares of the eager fp32 peak) and plans run under
-   torch.compile (``--compiled``; only the options compile traces: selective, checkpoint), judged by
+   torch.compile (``--compiled``; the options that act there: selective, checkpoint, and the
+   model-wide "pool" and "conv2d"), judged by
    the compiled step's measured peak (``optimize_(..., compiled=True)``; with ``--compile-mode
    reduce-overhead`` or ``max-autotune-no-cudagraphs`` every compiled row is planned, judged and run
    in that mode, CUDA graphs' pool counted).

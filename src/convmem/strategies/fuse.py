@@ -142,7 +142,7 @@ def fuse_(
             about the chain's Conv1d.
         pools: also run every ``nn.MaxPool1d`` as a `convmem.nn.CompactMaxPool1d`, which keeps an
             int8 window offset per output for backward instead of its input and int64 indices
-            (NOTE [Compact max-pool]; eager mode: compiled, Inductor does this itself).
+            (NOTE [Compact max-pool]; eagerly and under torch.compile).
 
     Exact: outputs, gradients and buffers agree with the untouched model up to rounding, and
     ``state_dict()`` keys and values are unchanged. ``convmem.restore_(model)`` undoes it.
