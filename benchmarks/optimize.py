@@ -142,7 +142,7 @@ def bench_model(name, args, base, out_csv, deadline):
         mode = args.compile_mode if compiled else None
         if mode:
             strategy += "_" + mode.replace("-", "_")  # beside, not in place of, the default mode's rows
-        allow = COMPILE_OPTIONS if compiled else OPTIONS
+        allow = (args.compiled_allow or COMPILE_OPTIONS) if compiled else OPTIONS
         entry = zoo.get(name, size=args.size, device=args.device)
         row = _row(base, name, strategy, entry, regime)
         row["budget_bytes"] = budget
@@ -214,6 +214,9 @@ def main(argv=None):
     parser.add_argument("--compile-mode", choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
                         help="plan and run the compiled rows in this torch.compile mode (reduce-overhead: CUDA "
                              "graphs, the pool counts in the peak); their names end in the mode's name")
+    parser.add_argument("--compiled-allow", default="",
+                        help=f"the options compiled rows plan with (default {','.join(COMPILE_OPTIONS)}); leaving out "
+                             "conv2d skips the two compilations that judge the layout where it is known to lose")
     parser.add_argument("--progress", action="store_true", help="print what optimize_ does (the plans it judges)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-floor", dest="floor", action="store_false",
@@ -227,6 +230,7 @@ def main(argv=None):
     names = lambda text: [x for x in text.split(",") if x]  # noqa: E731
     args.budgets, args.bf16, args.compiled = floats(args.budgets), floats(args.bf16), floats(args.compiled)
     args.anchors, args.match, args.match_compiled = names(args.anchors), names(args.match), names(args.match_compiled)
+    args.compiled_allow = tuple(names(args.compiled_allow))
     unknown = [a for a in args.anchors + args.match + args.match_compiled if a not in ANCHORS]
     if unknown:
         parser.error(f"unknown anchors {unknown}; the anchors are {list(ANCHORS)}")
