@@ -54,8 +54,9 @@ from convmem import InfeasibleBudget, optimize_, zoo  # noqa: E402
 from convmem.plan.costs import OPTIONS  # noqa: E402
 
 # "pool": max-pools compact (NOTE [Compact max-pools in plans]); "conv2d": Conv1ds as conv2d where the
-# compiled step measures better so (NOTE [Conv layouts in compiled plans])
-COMPILE_OPTIONS = ("selective", "checkpoint", "pool", "conv2d")
+# compiled step measures better so (NOTE [Conv layouts in compiled plans]); "chunk" and "offload" as
+# eager islands where no fully compiled plan fits (NOTE [Eager islands in compiled plans])
+COMPILE_OPTIONS = ("selective", "checkpoint", "pool", "conv2d", "chunk", "offload")
 FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
 ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
 MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak

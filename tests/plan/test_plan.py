@@ -173,7 +173,8 @@ def test_hand_made_plan_on_a_model_without_a_chain():
     kinds = ["checkpoint", "selective", "tile", "offload", "keep", "tile"]
     segments = [PlanSegment(i, i + 1, k, tile_length=100 if k == "tile" else None) for i, k in enumerate(kinds)]
     apply_(entry.model, dataclasses.replace(base, segments=segments))
-    assert set(wrapper_state(entry.model).values()) == {"Checkpointed", "Tiled", "Offloaded"}
+    # NOTE [Eager islands in compiled plans]: the offloaded block runs eagerly under torch.compile too
+    assert set(wrapper_state(entry.model).values()) == {"Checkpointed", "Tiled", "Offloaded", "EagerIsland"}
     assert_same_step(twin(small("wavenet").model), entry.model, entry.inputs, entry.loss_fn)
 
 

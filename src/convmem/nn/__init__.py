@@ -4,6 +4,7 @@ from .batch_chunked import BatchChunked
 from .checkpointed import Checkpointed
 from .compact_pool import CompactMaxPool1d
 from .conv_as_2d import Conv1dAs2d
+from .eager_island import EagerIsland
 from .depthwise_separable import DepthwiseSeparableConv1d
 from .downsample import DownsampleConv1d
 from .fused_depthwise import FusedActivation, FusedDepthwiseConv1d
@@ -13,4 +14,4 @@ from .saved_precision import LowPrecisionSaved
 from .tiled import Tiled
 
 __all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "LowPrecisionSaved", "BatchChunked", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d", "FusedNormActConv",
-           "FusedActivation", "CompactMaxPool1d", "Conv1dAs2d", "restore_", "unwrap"]
+           "FusedActivation", "CompactMaxPool1d", "Conv1dAs2d", "EagerIsland", "restore_", "unwrap"]

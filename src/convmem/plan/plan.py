@@ -25,6 +25,7 @@ from ..nn.batch_chunked import BatchChunked
 from ..nn.checkpointed import Checkpointed
 from ..nn.compact_pool import CompactMaxPool1d, compact_pool_reason
 from ..nn.conv_as_2d import Conv1dAs2d, conv_as_2d_reason
+from ..nn.eager_island import EagerIsland
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
 from ..strategies._common import swap_modules
@@ -254,8 +255,8 @@ def _item_wrappers(model: nn.Module, plan: Plan, inside: List[PlanSegment], mult
                     replacements[name] = Checkpointed(module, "full")
             elif seg.option == "tile":
                 replacements[name] = Tiled(module, seg.tile_length, name=name)
-            elif seg.option == "chunk":
-                replacements[name] = BatchChunked(module, seg.batch_chunk or 1)  # NOTE [Chunk sizes]
+            elif seg.option == "chunk":  # NOTE [Chunk sizes]; NOTE [Eager islands in compiled plans]
+                replacements[name] = EagerIsland(BatchChunked(module, seg.batch_chunk or 1))
             elif seg.option == "fuse":
                 replacements.update(fused_chains(model, name))  # NOTE [Fused chains as an option]
             elif seg.option == "bf16":
@@ -263,7 +264,7 @@ def _item_wrappers(model: nn.Module, plan: Plan, inside: List[PlanSegment], mult
             elif seg.option == "offload":
                 from ..nn.offloaded import OffloadGroup, Offloaded
                 group = group or OffloadGroup()
-                replacements[name] = Offloaded(module, group=group)
+                replacements[name] = EagerIsland(Offloaded(module, group=group))
             else:
                 raise ValueError(f"apply_: unknown option {seg.option!r} in the plan")
     return replacements
@@ -273,7 +274,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     """Put `plan` on `model` in place (a fresh instance of the model it was made for); returns `model`.
 
     Exact: outputs, gradients and buffers are those of the untouched model; ``convmem.restore_``
-    takes the plan off again. Raises, before changing anything, when `model` is not the model the
+    takes the plan off again. Offloaded and batch-chunked blocks run eagerly also when the model is
+    compiled (`EagerIsland`, NOTE [Eager islands in compiled plans]). Raises, before changing anything, when `model` is not the model the
     plan was made for (NOTE [A plan checks the model it is applied to]).
 
     Example::

@@ -42,6 +42,9 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # Functions that step aside in compiled code (they would save nothing there), so compiled plans
 # choose among keep, selective, checkpoint and tile (tiling breaks the graph around its window
 # planning and compiles the tiles), with the max-pools compact (NOTE [Compact max-pools in plans]).
+# When none of those plans fits, offload and chunk are offered too, as eager islands (NOTE [Eager
+# islands in compiled plans] in nn/eager_island.py): a second pass plans with them, the plans the
+# first judged over the budget not judged again.
 #
 # NOTE [Using the slack]
 # The cost model can also overstate what a plan holds, most under torch.compile, whose partitioner
@@ -137,10 +140,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 _GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # NOTE [Plans for CUDA graphs]
 _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, first replay
 
-# Options not offered under torch.compile: wrappers that step aside in compiled code (NOTE [Plans
-# for compiled models]). Compact pools are offered: their autograd Function compiles (NOTE [Compact
-# max-pool]).
-_EAGER_ONLY = ("offload", "chunk", "fuse")
+# Options not offered under torch.compile: fused chains step aside in compiled code (NOTE [Plans
+# for compiled models]). Offload and batch chunks run there as eager islands, in plans for budgets
+# no fully compiled plan meets (NOTE [Eager islands in compiled plans] in nn/eager_island.py).
+# Compact pools are offered: their autograd Function compiles (NOTE [Compact max-pool]).
+_EAGER_ONLY = ("fuse",)
+_ISLANDS = ("offload", "chunk")
 _COMPILED_ONLY = ("conv2d",)  # NOTE [Conv layouts in compiled plans]
 Budget = Union[int, float, str]
 
@@ -247,6 +252,8 @@ def optimize_(
             budget by) the compiled step instead of the eager one (NOTE [Plans for compiled models]).
             True compiles in the default mode; a mode name (``"reduce-overhead"``, ...) in that mode,
             where CUDA graphs' memory pool counts in the measured peak (NOTE [Plans for CUDA graphs]).
+            Offload and chunk are planned only where no fully compiled plan fits, and then run as
+            eager islands in the compiled model (NOTE [Eager islands in compiled plans]).
         progress: True to print what it is doing, or a callable taking one line of text.
 
     Raises `InfeasibleBudget` (a ValueError) stating the smallest feasible budget when nothing
@@ -292,6 +299,7 @@ def optimize_(
     config = dataclasses.replace(config, allow=tuple(a for a in config.allow if a not in not_here))
     say = _progress(progress)
     allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
+    islands = tuple(a for a in allowed if a in _ISLANDS) if compiled else ()
 
     if costs is None:
         costs = chain_costs(model, inputs, loss_fn, allowed, autocast, measure_times=measure, progress=say)
@@ -305,7 +313,6 @@ def optimize_(
     scale = costs.scale(plan_length)
     eager_peak = costs.fixed + int((costs.eager_peak - costs.fixed) * scale)
     target = parse_budget(budget, eager_peak)
-    problem = costs.problem(allowed, plan_length)
     names = [it.name for it in costs.items]
     structure = structure_of(model, names, costs.chain)
     here = length is None or length == costs.length  # the plan is for the example: apply and check it
@@ -329,9 +336,19 @@ def optimize_(
                       if not any(n.startswith(t + ".") for t in tiled)],
         )
 
+    judged_over = {}  # _plan_key -> (peak, plan) of every plan judged over the budget
+
     def judged(plan: Plan) -> int:
         """Apply `plan`; its peak by the estimate of the optimized step (and, on a GPU, as measured).
-        The model keeps the plan (NOTE [Sound within its own estimate])."""
+        The model keeps the plan (NOTE [Sound within its own estimate]). A plan judged over the
+        budget before is not judged again (a compilation each, on a GPU): its peak comes back, its
+        measurements are copied, and the model is left as it is -- every caller takes such a plan off."""
+        key = _plan_key(plan)
+        if key in judged_over:
+            peak, seen = judged_over[key]
+            for field in _MEASUREMENTS:
+                setattr(plan, field, getattr(seen, field))
+            return peak
         apply_(model, plan)
         try:
             plan.estimated_peak_bytes = estimate_step(model, to_meta(tuple(inputs)), loss_fn,
@@ -345,8 +362,12 @@ def optimize_(
             restore_(model)
             raise
         if plan.measured_compiled:  # NOTE [Plans for compiled models]: the compiled step is the judge
-            return plan.measured_peak_bytes
-        return max(plan.estimated_peak_bytes, plan.measured_peak_bytes or 0)
+            peak = plan.measured_peak_bytes
+        else:
+            peak = max(plan.estimated_peak_bytes, plan.measured_peak_bytes or 0)
+        if peak > target:
+            judged_over[key] = (peak, plan)
+        return peak
 
     reference = copy.deepcopy(model) if config.lossy and here and not _on_meta(inputs) else None
 
@@ -357,77 +378,11 @@ def optimize_(
             plan.lossy_gradient_error = step_gradient_error(reference, model, inputs, loss_fn, autocast)
         return plan
 
-    over = []  # predicted peaks of the plans judged over the budget
-
-    def use_the_slack(plan: Plan, solution, peak: int) -> Plan:
-        """NOTE [Using the slack]: a faster plan in the room the accepted one left, if one measures faster."""
-        for _ in range(_SLACK_ROUNDS):
-            if plan.measured_step_s is None or target - peak < target // _SLACK_SHARE:
-                break
-            room = solution.peak + (target - peak)
-            if over:
-                room = min(room, min(over) - 1)
-            faster = solve(problem, room)
-            if faster is None or faster.extra_s >= solution.extra_s:
-                break
-            restore_(model)
-            candidate = make(faster)
-            say(f"measured {format_bytes(target - peak)} under the budget; trying "
-                f"{', '.join(sorted({s.label for s in candidate.segments}))}")
-            try:
-                candidate_peak = judged(candidate)
-            except torch.cuda.OutOfMemoryError:  # keeps more than the card holds: the accepted plan stands
-                say("the faster plan ran out of GPU memory; keeping the accepted one")
-                over.append(faster.peak)
-                apply_(model, plan)
-                break
-            if candidate_peak <= target and candidate.measured_step_s < plan.measured_step_s:
-                plan, solution, peak = candidate, faster, candidate_peak
-                continue
-            restore_(model)
-            apply_(model, plan)
-            if candidate_peak > target:
-                over.append(faster.peak)
-                continue  # the next round looks below this plan's prediction
-            break
-        return plan
-
-    judged_uniform = []  # (measured peak, plan) of every one-option plan judged compiled
-
-    def uniform_plans(accepted: Optional[Plan]) -> Optional[Plan]:
-        """NOTE [Uniform plans under compile]: the fastest of `accepted` and the one-option plans that
-        fit, judged compiled; the model carries it (or nothing, when None comes back)."""
-        if not (compiled and measuring):
-            return accepted
-        best = accepted
-        for option in _UNIFORM_OPTIONS:
-            if option != "keep" and option not in allowed:
-                continue
-            uniform = _every_item(problem, option)
-            if uniform is None or (best is not None and _layout(best.segments) == _layout(uniform.segments)):
-                continue
-            restore_(model)
-            candidate = make(uniform)
-            say(f"judging every block {option} under torch.compile")
-            try:
-                candidate_peak = judged(candidate)
-            except torch.cuda.OutOfMemoryError:
-                candidate_peak = None
-            else:
-                judged_uniform.append((candidate_peak, candidate))
-            if candidate_peak is not None and candidate_peak <= target and (
-                    best is None or candidate.measured_step_s < best.measured_step_s):
-                best = candidate
-            restore_(model)
-            if best is not None:
-                apply_(model, best)
-        return best
-
     def choose_layout() -> List[str]:
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
         candidates = sorted(convs_as_2d(model))
-        keep_all = _every_item(problem, "keep")
+        keep_all = _every_item(costs.problem(allowed, plan_length), "keep")
         if not candidates or keep_all is None:
             return []
         measured = []
@@ -450,78 +405,157 @@ def optimize_(
     if compiled and measuring and "conv2d" in allowed:
         layout = choose_layout()
 
-    solver_budget = target
-    for _ in range(_ROUNDS):
-        solution = solve(problem, solver_budget)
-        if solution is None:
-            break
-        plan = make(solution)
-        if not here:
-            return plan  # for another length: nothing to apply or estimate here
-        say(f"applying: {', '.join(sorted({s.label for s in plan.segments}))}; checking the optimized step")
-        peak = judged(plan)
-        if peak <= target:
-            return _report_lossy(uniform_plans(use_the_slack(plan, solution, peak)))
-        over.append(solution.peak)
-        restore_(model)
-        say(f"peak {format_bytes(peak)} is over the budget; solving again")
-        # The next plan must predict less than this one by the overshoot: plans whose predictions
-        # are all short by the same bytes are not tried one by one (NOTE [Sound within its own estimate]).
-        solver_budget = min(solver_budget, solution.peak) - (peak - target) - target // 200
+    def plan_with(allowed: Tuple[str, ...]) -> Plan:
+        """Solve, judge and apply with `allowed`; the plan, or InfeasibleBudget."""
+        problem = costs.problem(allowed, plan_length)
+        exact = tuple(a for a in allowed if a not in LOSSY_OPTIONS)
 
-    if here:
-        rescued = uniform_plans(None)  # NOTE [Uniform plans under compile]
-        if rescued is not None:
-            return _report_lossy(rescued)
+        over = []  # predicted peaks of the plans judged over the budget
 
-    # The least-peak plans, judged the same way: the cost model may overstate what a plan holds,
-    # and the smallest budget it names must be one this function then accepts.
-    smallest, best = None, None
-    subsets = sorted({tuple(a for a in options if a not in dropped)
-                      for options in (allowed, config.allow) for dropped in ((), ("offload",), ("offload", "tile"))})
-    judged_layouts = {_layout(plan.segments) for _, plan in judged_uniform}  # over the budget: counted below
-    for subset in subsets:
-        floor = min_peak(costs.problem(subset, plan_length))
-        if floor is None or (here and _layout(floor.segments) in judged_layouts):
-            continue
-        plan = make(floor)
-        peak = floor.peak
-        if here:
-            say(f"checking the least-peak plan with {', '.join(('keep',) + subset)}")
+        def use_the_slack(plan: Plan, solution, peak: int) -> Plan:
+            """NOTE [Using the slack]: a faster plan in the room the accepted one left, if one measures faster."""
+            for _ in range(_SLACK_ROUNDS):
+                if plan.measured_step_s is None or target - peak < target // _SLACK_SHARE:
+                    break
+                room = solution.peak + (target - peak)
+                if over:
+                    room = min(room, min(over) - 1)
+                faster = solve(problem, room)
+                if faster is None or faster.extra_s >= solution.extra_s:
+                    break
+                restore_(model)
+                candidate = make(faster)
+                say(f"measured {format_bytes(target - peak)} under the budget; trying "
+                    f"{', '.join(sorted({s.label for s in candidate.segments}))}")
+                try:
+                    candidate_peak = judged(candidate)
+                except torch.cuda.OutOfMemoryError:  # keeps more than the card holds: the accepted plan stands
+                    say("the faster plan ran out of GPU memory; keeping the accepted one")
+                    over.append(faster.peak)
+                    apply_(model, plan)
+                    break
+                if candidate_peak <= target and candidate.measured_step_s < plan.measured_step_s:
+                    plan, solution, peak = candidate, faster, candidate_peak
+                    continue
+                restore_(model)
+                apply_(model, plan)
+                if candidate_peak > target:
+                    over.append(faster.peak)
+                    continue  # the next round looks below this plan's prediction
+                break
+            return plan
+
+        judged_uniform = []  # (measured peak, plan) of every one-option plan judged compiled
+
+        def uniform_plans(accepted: Optional[Plan]) -> Optional[Plan]:
+            """NOTE [Uniform plans under compile]: the fastest of `accepted` and the one-option plans that
+            fit, judged compiled; the model carries it (or nothing, when None comes back)."""
+            if not (compiled and measuring):
+                return accepted
+            best = accepted
+            for option in _UNIFORM_OPTIONS:
+                if option != "keep" and option not in allowed:
+                    continue
+                uniform = _every_item(problem, option)
+                if uniform is None or (best is not None and _layout(best.segments) == _layout(uniform.segments)):
+                    continue
+                restore_(model)
+                candidate = make(uniform)
+                say(f"judging every block {option} under torch.compile")
+                try:
+                    candidate_peak = judged(candidate)
+                except torch.cuda.OutOfMemoryError:
+                    candidate_peak = None
+                else:
+                    judged_uniform.append((candidate_peak, candidate))
+                if candidate_peak is not None and candidate_peak <= target and (
+                        best is None or candidate.measured_step_s < best.measured_step_s):
+                    best = candidate
+                restore_(model)
+                if best is not None:
+                    apply_(model, best)
+            return best
+
+
+        solver_budget = target
+        for _ in range(_ROUNDS):
+            solution = solve(problem, solver_budget)
+            if solution is None:
+                break
+            plan = make(solution)
+            if not here:
+                return plan  # for another length: nothing to apply or estimate here
+            say(f"applying: {', '.join(sorted({s.label for s in plan.segments}))}; checking the optimized step")
             peak = judged(plan)
             if peak <= target:
-                return _report_lossy(plan)
+                return _report_lossy(uniform_plans(use_the_slack(plan, solution, peak)))
+            over.append(solution.peak)
             restore_(model)
-            if plan.measured_peak_bytes is not None:
-                # A measured peak varies by a few hundred KiB from run to run (allocator state); the
-                # smallest budget named must be met when the caller passes it back.
-                peak += peak // _MEASURED_MARGIN
-        if smallest is None or peak < smallest:
-            smallest, best = peak, plan
-    for peak, plan in judged_uniform:  # NOTE [Uniform plans under compile]: they count for the floor too
-        peak += peak // _MEASURED_MARGIN
-        if smallest is None or peak < smallest:
-            smallest, best = peak, plan
-    if smallest is None or eager_peak < smallest:
-        # On small inputs fixed costs (a tile's windows, a wrapper's buffers) can outweigh what an
-        # option saves: then the least peak is the untouched step's, with every block kept.
-        smallest, best = eager_peak, make(_every_item(problem, "keep"))
-    lossy_min = _lossy_min(costs, config.allow, plan_length)
-    if config.lossy:
-        lossy_text = ""
-    elif lossy_min < smallest:
-        lossy_text = (f" lossy=True (blocks' saved activations in bfloat16; gradients change, outputs do not) "
-                      f"would lower it to about {format_bytes(lossy_min)}.")
-    else:
-        lossy_text = " lossy=True (bfloat16 saved activations) would not lower it: what a block holds in backward sets it."
-    raise InfeasibleBudget(
-        f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + allowed)} fits "
-        f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these "
-        f"options is {format_bytes(smallest)} (untouched: {format_bytes(eager_peak)}).{lossy_text} Converting "
-        "convolutions to depthwise-separable ones (convmem.to_depthwise_separable_, lossy) cuts parameters "
-        "and FLOPs, not activation memory (docs/lossy.md).",
-        smallest, lossy_min, costs=costs, plan=best,
-    )
+            say(f"peak {format_bytes(peak)} is over the budget; solving again")
+            # The next plan must predict less than this one by the overshoot: plans whose predictions
+            # are all short by the same bytes are not tried one by one (NOTE [Sound within its own estimate]).
+            solver_budget = min(solver_budget, solution.peak) - (peak - target) - target // 200
+
+        if here:
+            rescued = uniform_plans(None)  # NOTE [Uniform plans under compile]
+            if rescued is not None:
+                return _report_lossy(rescued)
+
+        # The least-peak plans, judged the same way: the cost model may overstate what a plan holds,
+        # and the smallest budget it names must be one this function then accepts.
+        smallest, best = None, None
+        subsets = sorted({tuple(a for a in options if a not in dropped)
+                          for options in (allowed, exact) for dropped in ((), ("offload",), ("offload", "tile"))})
+        judged_layouts = {_layout(plan.segments) for _, plan in judged_uniform}  # over the budget: counted below
+        for subset in subsets:
+            floor = min_peak(costs.problem(subset, plan_length))
+            if floor is None or (here and _layout(floor.segments) in judged_layouts):
+                continue
+            plan = make(floor)
+            peak = floor.peak
+            if here:
+                say(f"checking the least-peak plan with {', '.join(('keep',) + subset)}")
+                peak = judged(plan)
+                if peak <= target:
+                    return _report_lossy(plan)
+                restore_(model)
+                if plan.measured_peak_bytes is not None:
+                    # A measured peak varies by a few hundred KiB from run to run (allocator state); the
+                    # smallest budget named must be met when the caller passes it back.
+                    peak += peak // _MEASURED_MARGIN
+            if smallest is None or peak < smallest:
+                smallest, best = peak, plan
+        for peak, plan in judged_uniform:  # NOTE [Uniform plans under compile]: they count for the floor too
+            peak += peak // _MEASURED_MARGIN
+            if smallest is None or peak < smallest:
+                smallest, best = peak, plan
+        if smallest is None or eager_peak < smallest:
+            # On small inputs fixed costs (a tile's windows, a wrapper's buffers) can outweigh what an
+            # option saves: then the least peak is the untouched step's, with every block kept.
+            smallest, best = eager_peak, make(_every_item(problem, "keep"))
+        lossy_min = _lossy_min(costs, exact, plan_length)
+        if config.lossy:
+            lossy_text = ""
+        elif lossy_min < smallest:
+            lossy_text = (f" lossy=True (blocks' saved activations in bfloat16; gradients change, outputs do not) "
+                          f"would lower it to about {format_bytes(lossy_min)}.")
+        else:
+            lossy_text = " lossy=True (bfloat16 saved activations) would not lower it: what a block holds in backward sets it."
+        raise InfeasibleBudget(
+            f"{_STRATEGY}: no plan of {type(model).__name__} with {', '.join(('keep',) + allowed)} fits "
+            f"{format_bytes(target)} at input length {plan_length}; the smallest feasible budget with these "
+            f"options is {format_bytes(smallest)} (untouched: {format_bytes(eager_peak)}).{lossy_text} Converting "
+            "convolutions to depthwise-separable ones (convmem.to_depthwise_separable_, lossy) cuts parameters "
+            "and FLOPs, not activation memory (docs/lossy.md).",
+            smallest, lossy_min, costs=costs, plan=best,
+        )
+
+    if islands:  # NOTE [Eager islands in compiled plans]: compiled code alone first
+        try:
+            return plan_with(tuple(a for a in allowed if a not in islands))
+        except InfeasibleBudget:
+            say(f"no fully compiled plan fits; planning with {' and '.join(islands)} as eager islands")
+    return plan_with(allowed)
 
 
 def _every_item(problem: ChainProblem, option: str):
@@ -531,8 +565,17 @@ def _every_item(problem: ChainProblem, option: str):
 
 
 def _layout(segments) -> Tuple:
-    """Which blocks take which option: what makes two plans (or solutions) the same plan."""
+    """Which blocks take which option: what makes two solutions the same plan."""
     return tuple((s.start, s.stop, s.option, s.tile_length, s.batch_chunk) for s in segments)
+
+
+def _plan_key(plan: Plan) -> Tuple:
+    """What makes two plans the same step: the blocks' options, the compact pools, the conv layouts."""
+    return _layout(plan.segments), tuple(plan.pools), tuple(plan.convs_2d)
+
+
+_MEASUREMENTS = ("estimated_peak_bytes", "measured_peak_bytes", "measured_step_s", "measured_compiled",
+                 "measured_compile_mode")  # what judging a plan fills in
 
 
 def _lossy_min(costs: ChainCosts, allow, length: int) -> int:
