@@ -286,9 +286,10 @@ def test_a_plan_measured_well_under_the_budget_makes_room_for_a_faster_one(monke
     elif faster_fits == "oom":
         assert plan is tried[0] and len(tried) == 2  # out of memory: no second round
     else:
-        assert plan is tried[0] and len(tried) == 3, "after a plan over the budget, one below its prediction"
-        assert tried[2].predicted_peak_bytes < tried[1].predicted_peak_bytes
-        assert tried[2].predicted_extra_s < tried[0].predicted_extra_s
+        assert plan is tried[0] and 3 <= len(tried) <= 5, "after a plan over the budget, one below its prediction"
+        for before, after in zip(tried[1:], tried[2:]):  # every round below the last one over
+            assert after.predicted_peak_bytes < before.predicted_peak_bytes
+            assert after.predicted_extra_s < tried[0].predicted_extra_s
     # The model carries the plan returned, not the last one tried.
     assert estimate_step(entry.model, entry.inputs, entry.loss_fn).peak_bytes == plan.estimated_peak_bytes
 
