@@ -4,7 +4,7 @@ Random small chains: every option kind (keep, selective, offload on one item; ch
 of 1..n items; tile on one item or the whole chain), random kept/working/extra/alive bytes, random
 base and forward_base. For every budget where the answer changes (each plan's peak, one byte below
 it, below the smallest feasible budget) `solve(..., grain=1)` must find the least extra time that
-`brute_force` finds, and `min_peak(..., grain=1)` the smallest peak of any plan. Extra times are
+`brute_force` finds, and `min_peak(..., grain=1)` the smallest peak of any plan, the fastest such plan. Extra times are
 small integers so that sums are exact and ties are ties.
 """
 from __future__ import annotations
@@ -111,6 +111,8 @@ def check_against_brute_force(problem: ChainProblem, rng: random.Random) -> None
     assert floor is not None, "min_peak found no plan, but there is one"
     _assert_valid(problem, floor)
     assert floor.peak == min(peaks)
+    # of the plans with the least peak, the fastest (exact sums: extra times are small integers)
+    assert floor.extra_s == min(sum(c.extra_s for c in p) for p, peak in zip(plans, peaks) if peak == floor.peak)
 
     for budget in _budgets(peaks, rng):
         expected = brute_force(problem, budget)
