@@ -87,6 +87,17 @@ def _measure(entry, prepared, row, args, device):
     row["peak_gib"] = round(row["peak_bytes"] / 2**30, 4)
 
 
+def _timeout_inside(error: BaseException):
+    """The TimeoutError that `error` was raised from, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, TimeoutError):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
+
+
 def _guarded(row, work, *work_args):
     """Run `work(*work_args)`; a failure is recorded in the row (a failed row is data too)."""
     try:
@@ -100,6 +111,10 @@ def _guarded(row, work, *work_args):
     except TimeoutError as error:
         row["status"], row["note"] = "timeout", str(error)
     except Exception as error:
+        timeout = _timeout_inside(error)  # the alarm inside a compilation comes back wrapped by Dynamo
+        if timeout is not None:
+            row["status"], row["note"] = "timeout", f"{timeout} (inside {type(error).__name__})"
+            return None
         row["status"] = "error"
         row["note"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         traceback.print_exc()
