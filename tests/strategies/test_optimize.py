@@ -747,3 +747,33 @@ def test_a_least_peak_plan_with_room_to_spare_makes_room_for_a_faster_one(monkey
     assert plan is not least and plan.measured_peak_bytes <= budget
     assert plan.predicted_extra_s < least.predicted_extra_s
     assert floor_reached == [1] and plan.predicted_peak_bytes < tried[0].predicted_peak_bytes
+
+
+def test_a_choice_that_put_a_faster_plan_over_the_budget_is_not_offered_again(monkeypatch):
+    # NOTE [Using the slack]: a stand-in GPU on which one choice -- the one the first faster plan
+    # holds most by, beside the accepted plan -- puts every plan holding it over the budget. The
+    # later rounds must solve without it, and the plan kept is a faster one without it.
+    from convmem.strategies import optimize as module
+
+    entry, first = _planned_at(0.6)
+    budget = first.budget_bytes
+    tried, culprit = [], []
+
+    def fake(plan):
+        tried.append(plan)
+        layout = set(module._layout(plan.segments))
+        if len(tried) == 2:  # the first faster plan: its biggest difference from the accepted one
+            accepted = set(module._layout(tried[0].segments))
+            differs = [s for s in plan.segments if module._layout([s])[0] not in accepted]
+            culprit.append(module._layout([max(differs, key=lambda s: s.kept_bytes + s.working_bytes)])[0])
+        over = bool(culprit) and culprit[0] in layout
+        plan.measured_peak_bytes = budget + 1 if over else plan.estimated_peak_bytes * 7 // 10
+        plan.measured_step_s = 1.0 + plan.predicted_extra_s
+
+    _compiled_measured_by(monkeypatch, fake)
+    monkeypatch.setattr(module, "_UNIFORM_OPTIONS", ())
+    plan = optimize_(entry.model, *entry.inputs, budget=budget, loss_fn=entry.loss_fn, allow=EXACT, compiled=True)
+    assert len(tried) >= 3 and culprit
+    assert all(culprit[0] not in set(module._layout(p.segments)) for p in tried[2:])
+    assert plan is not tried[0] and plan.measured_peak_bytes <= budget
+    assert plan.predicted_extra_s < tried[0].predicted_extra_s

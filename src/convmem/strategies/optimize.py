@@ -61,10 +61,14 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # After one over the budget the next round tries the fastest plan predicted below it: the first
 # faster plan in the room is often one the budget was solved to avoid (on an H200, wav2vec 2.0's
 # first layer in chunks of four with the second kept whole: 3.96 GiB against a 3.92 GiB budget,
-# where the accepted plan measured 2.98); a model short on one block can be short on every plan
-# that keeps it whole, and there are a few such plans (selective, chunk sizes) before one that does
-# not. At most four such rounds, and only when measuring on a GPU: the estimate alone has no
-# measured time to settle a faster-on-paper plan.
+# where the accepted plan measured 2.98). A model short on one block is short on every plan that
+# keeps it so: on an H200, wav2vec 2.0 compiled with its first layer in chunks of four (an eager
+# island) measured 4.44 GiB against a 3.92 GiB budget in each of four slack rounds, every one keeping
+# the second layer whole and choosing otherwise on the small layers after it. So the choice that
+# differs most from the accepted plan -- of the candidate's segments the accepted plan lacks, the
+# one holding the most bytes, kept and working -- is blamed, and the later rounds solve without it.
+# At most four such rounds, and only when measuring on a GPU: the estimate alone has no measured
+# time to settle a faster-on-paper plan.
 #
 # NOTE [Conv layouts in compiled plans]
 # Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
@@ -421,13 +425,14 @@ def optimize_(
 
         def use_the_slack(plan: Plan, solution, peak: int) -> Plan:
             """NOTE [Using the slack]: a faster plan in the room the accepted one left, if one measures faster."""
+            blamed = set()  # choices that put a faster plan over the budget: not offered again here
             for _ in range(_SLACK_ROUNDS):
                 if plan.measured_step_s is None or target - peak < target // _SLACK_SHARE:
                     break
                 room = solution.peak + (target - peak)
                 if over:
                     room = min(room, min(over) - 1)
-                faster = solve(problem, room)
+                faster = solve(_without(problem, blamed), room)
                 if faster is None or faster.extra_s >= solution.extra_s:
                     break
                 restore_(model)
@@ -448,7 +453,8 @@ def optimize_(
                 apply_(model, plan)
                 if candidate_peak > target:
                     over.append(faster.peak)
-                    continue  # the next round looks below this plan's prediction
+                    blamed.add(_blamed(faster, solution))
+                    continue  # the next round looks below this plan's prediction, without its blamed choice
                 break
             return plan
 
@@ -569,6 +575,22 @@ def _every_item(problem: ChainProblem, option: str):
     """The solution that runs every item with `option` (the least peak of those), or None."""
     return min_peak(ChainProblem(problem.n_items, problem.base, [c for c in problem.choices if c.option == option],
                                  problem.forward_base))
+
+
+def _without(problem: ChainProblem, choices) -> ChainProblem:
+    """`problem` without `choices`."""
+    if not choices:
+        return problem
+    return ChainProblem(problem.n_items, problem.base, [c for c in problem.choices if c not in choices],
+                        problem.forward_base)
+
+
+def _blamed(candidate, accepted):
+    """The choice of `candidate` (a solution measured over the budget) most likely to have put it
+    there: of its segments that the accepted solution does not have, the one holding the most in
+    forward and backward together (NOTE [Using the slack])."""
+    mine = set(accepted.segments)
+    return max((c for c in candidate.segments if c not in mine), key=lambda c: c.kept + c.working, default=None)
 
 
 def _layout(segments) -> Tuple:
