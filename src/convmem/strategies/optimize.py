@@ -51,24 +51,22 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # recomputes on its own: on an H200 the compiled hifigan plan solved for 0.69 GiB measured 0.449 GiB,
 # and the plan then paid for recompute it did not need. So where a plan is accepted with its peak
 # measured at least 5% under the budget, optimize_ solves once more with the solver's budget raised
-# by that slack (never up to a plan already judged over the budget), judges the faster plan the
-# model finds the same way, and keeps it only if it is within the budget and its measured step is
-# faster; otherwise (over the budget, slower, or out of GPU memory) the accepted plan goes back on.
-# A least-peak plan, accepted after every solved plan measured over the budget, is given the same
-# rounds: on an H200, wav2vec 2.0 compiled with eager islands measured 3.10 GiB at 31.7 ms in
-# its least-peak plan against a 3.92 GiB budget, where the one plan tried before (its first layer
-# in chunks of four, the rest kept) had measured 4.44 GiB.
-# After one over the budget the next round tries the fastest plan predicted below it: the first
-# faster plan in the room is often one the budget was solved to avoid (on an H200, wav2vec 2.0's
-# first layer in chunks of four with the second kept whole: 3.96 GiB against a 3.92 GiB budget,
-# where the accepted plan measured 2.98). A model short on one block is short on every plan that
-# keeps it so: on an H200, wav2vec 2.0 compiled with its first layer in chunks of four (an eager
-# island) measured 4.44 GiB against a 3.92 GiB budget in each of four slack rounds, every one keeping
-# the second layer whole and choosing otherwise on the small layers after it. So the choice that
-# differs most from the accepted plan -- of the candidate's segments the accepted plan lacks, the
-# one holding the most bytes, kept and working -- is blamed, and the later rounds solve without it.
-# At most four such rounds, and only when measuring on a GPU: the estimate alone has no measured
-# time to settle a faster-on-paper plan.
+# by that slack, judges the faster plan the model finds the same way, and keeps it only if it is
+# within the budget and its measured step is faster; otherwise (over the budget, slower, or out of
+# GPU memory) the accepted plan goes back on. A least-peak plan, accepted after every solved plan
+# measured over the budget, is given the same rounds: on an H200, wav2vec 2.0 compiled with eager
+# islands measured 3.10 GiB at 31.7 ms in its least-peak plan against a 3.92 GiB budget, where the
+# one plan tried before (its first layer in chunks of four, the rest kept) had measured 4.44 GiB.
+# The room holds the plans judged over the budget, and more like them: a model short on one block is
+# short on every plan that keeps that block so. On an H200, eager wav2vec 2.0's first faster plan
+# was the one the budget had been solved to avoid (its first layer in chunks of four with the second
+# kept whole: 3.96 GiB against a 3.92 GiB budget, where the accepted plan measured 2.98), and
+# compiled with islands four slack rounds in a row measured 4.44 GiB, each keeping the second layer
+# whole and choosing otherwise on the small layers after it. So each plan judged over the budget
+# (in the rounds before, and in these) has a choice blamed -- of its segments the accepted plan
+# lacks, the one holding the most bytes, kept and working -- and the slack rounds solve without
+# the blamed choices. At most four such rounds, and only when measuring on a GPU: the estimate alone
+# has no measured time to settle a faster-on-paper plan.
 #
 # NOTE [Conv layouts in compiled plans]
 # Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
@@ -421,18 +419,15 @@ def optimize_(
         problem = costs.problem(allowed, plan_length)
         exact = tuple(a for a in allowed if a not in LOSSY_OPTIONS)
 
-        over = []  # predicted peaks of the plans judged over the budget
+        over = []  # the solutions judged over the budget
 
         def use_the_slack(plan: Plan, solution, peak: int) -> Plan:
             """NOTE [Using the slack]: a faster plan in the room the accepted one left, if one measures faster."""
-            blamed = set()  # choices that put a faster plan over the budget: not offered again here
+            blamed = {_blamed(o, solution) for o in over}  # not offered again here
             for _ in range(_SLACK_ROUNDS):
                 if plan.measured_step_s is None or target - peak < target // _SLACK_SHARE:
                     break
-                room = solution.peak + (target - peak)
-                if over:
-                    room = min(room, min(over) - 1)
-                faster = solve(_without(problem, blamed), room)
+                faster = solve(_without(problem, blamed), solution.peak + (target - peak))
                 if faster is None or faster.extra_s >= solution.extra_s:
                     break
                 restore_(model)
@@ -443,7 +438,7 @@ def optimize_(
                     candidate_peak = judged(candidate)
                 except torch.cuda.OutOfMemoryError:  # keeps more than the card holds: the accepted plan stands
                     say("the faster plan ran out of GPU memory; keeping the accepted one")
-                    over.append(faster.peak)
+                    over.append(faster)
                     apply_(model, plan)
                     break
                 if candidate_peak <= target and candidate.measured_step_s < plan.measured_step_s:
@@ -452,9 +447,9 @@ def optimize_(
                 restore_(model)
                 apply_(model, plan)
                 if candidate_peak > target:
-                    over.append(faster.peak)
+                    over.append(faster)
                     blamed.add(_blamed(faster, solution))
-                    continue  # the next round looks below this plan's prediction, without its blamed choice
+                    continue  # the next round solves without the choice blamed for it
                 break
             return plan
 
@@ -502,7 +497,7 @@ def optimize_(
             peak = judged(plan)
             if peak <= target:
                 return _report_lossy(uniform_plans(use_the_slack(plan, solution, peak)))
-            over.append(solution.peak)
+            over.append(solution)
             restore_(model)
             say(f"peak {format_bytes(peak)} is over the budget; solving again")
             # The next plan must predict less than this one by the overshoot: plans whose predictions
