@@ -531,6 +531,8 @@ def test_compiled_plans_take_eager_islands_only_below_what_compiled_code_reaches
     state = wrapper_state(entry.model)
     islands = [name for name, kind in state.items() if kind == "EagerIsland"]
     assert islands and all(state[name + ".wrapped"] in ("Offloaded", "BatchChunked") for name in islands)
+    assert f"{len(islands)} offloaded or chunked block" in below.explain()
+    assert "run eagerly" not in above.explain()
     convmem.restore_(entry.model)
 
     with warnings.catch_warnings():

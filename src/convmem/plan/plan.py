@@ -117,6 +117,10 @@ class Plan:
         if self.convs_2d:
             lines.append(f"  {len(self.convs_2d)} Conv1d computed as conv2d, for torch.compile's channels-last layouts "
                          "(the compiled step measured faster so)")
+        islands = sum(s.stop - s.start for s in self.segments if s.option in ("offload", "chunk"))
+        if islands:  # NOTE [Eager islands in compiled plans]
+            lines.append(f"  {islands} offloaded or chunked block{'s' if islands > 1 else ''} run eagerly also "
+                         "under torch.compile (EagerIsland: the graph breaks around each)")
         if self.estimated_peak_bytes is not None:
             lines.append(f"  estimate of the optimized model (convmem.profile): {format_bytes(self.estimated_peak_bytes)}")
         if any(s.option == "bf16" for s in self.segments):
