@@ -279,8 +279,9 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
 
     Exact: outputs, gradients and buffers are those of the untouched model; ``convmem.restore_``
     takes the plan off again. Offloaded and batch-chunked blocks run eagerly also when the model is
-    compiled (`EagerIsland`, NOTE [Eager islands in compiled plans]). Raises, before changing anything, when `model` is not the model the
-    plan was made for (NOTE [A plan checks the model it is applied to]).
+    compiled (`EagerIsland`, NOTE [Eager islands in compiled plans]). Raises, before changing
+    anything, when `model` is not the model the plan was made for (NOTE [A plan checks the model it
+    is applied to]).
 
     Example::
 
