@@ -514,10 +514,9 @@ def optimize_(
         smallest, best = None, None
         subsets = sorted({tuple(a for a in options if a not in dropped)
                           for options in (allowed, exact) for dropped in ((), ("offload",), ("offload", "tile"))})
-        judged_layouts = {_layout(plan.segments) for _, plan in judged_uniform}  # over the budget: counted below
-        for subset in subsets:
+        for subset in subsets:  # a floor judged already (a uniform plan, say) is not judged again: `judged`
             floor = min_peak(costs.problem(subset, plan_length))
-            if floor is None or (here and _layout(floor.segments) in judged_layouts):
+            if floor is None:
                 continue
             plan = make(floor)
             peak = floor.peak
