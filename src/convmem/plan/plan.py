@@ -1,9 +1,10 @@
 """A plan: which option on which block, what it is predicted to cost, and how to put it on a model.
 
 A `Plan` is data: it names the model's blocks and, per run of blocks, the option chosen (keep,
-selective, checkpoint, offload, tile at a length), and the max-pools it runs compact. It round-trips through `to_dict`/`from_dict`
-(JSON-safe) and `convmem.apply_(model, plan)` puts it on a fresh instance of the same model, so a
-plan made once, on a profiling machine, is used in a training script.
+selective, checkpoint, offload, tile at a length), the max-pools it runs compact and the Conv1ds it
+computes as conv2d. It round-trips through `to_dict`/`from_dict` (JSON-safe) and
+`convmem.apply_(model, plan)` puts it on a fresh instance of the same model, so a plan made once, on
+a profiling machine, is used in a training script.
 
 # NOTE [A plan checks the model it is applied to]
 # A plan applied to another model would wrap the wrong modules. `apply_` first compares the
@@ -32,9 +33,10 @@ from ..strategies._common import swap_modules
 from .costs import ChainCosts, chain_span, fused_chains
 from .solver import Choice
 
-__all__ = ["Plan", "PlanSegment", "apply_", "structure_of"]
+__all__ = ["Plan", "PlanSegment", "apply_", "structure_of", "ISLAND_OPTIONS"]
 
 _VERSION = 1
+ISLAND_OPTIONS = ("offload", "chunk")  # apply_ runs them as EagerIsland: NOTE [Eager islands in compiled plans]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +119,7 @@ class Plan:
         if self.convs_2d:
             lines.append(f"  {len(self.convs_2d)} Conv1d computed as conv2d, for torch.compile's channels-last layouts "
                          "(the compiled step measured faster so)")
-        islands = sum(s.stop - s.start for s in self.segments if s.option in ("offload", "chunk"))
+        islands = sum(s.stop - s.start for s in self.segments if s.option in ISLAND_OPTIONS)
         if islands:  # NOTE [Eager islands in compiled plans]
             lines.append(f"  {islands} offloaded or chunked block{'s' if islands > 1 else ''} run eagerly also "
                          "under torch.compile (EagerIsland: the graph breaks around each)")

@@ -129,7 +129,7 @@ from .._units import format_bytes, parse_bytes
 from ..nn._wrapper import ModuleWrapper, restore_
 from ..nn.conv_as_2d import convs_as_2d
 from ..plan.costs import LOSSY_OPTIONS, OPTIONS, ChainCosts, chain_costs
-from ..plan.plan import Plan, PlanSegment, apply_, structure_of
+from ..plan.plan import ISLAND_OPTIONS, Plan, PlanSegment, apply_, structure_of
 from ..plan.solver import ChainProblem, min_peak, solve
 from ..profile.estimate import estimate_step, to_meta
 from ..profile.step import LossFn
@@ -152,7 +152,6 @@ _GRAPH_WARMUP = 3  # calls before a graphed step is measured: warm-up, record, f
 # no fully compiled plan meets (NOTE [Eager islands in compiled plans] in nn/eager_island.py).
 # Compact pools are offered: their autograd Function compiles (NOTE [Compact max-pool]).
 _EAGER_ONLY = ("fuse",)
-_ISLANDS = ("offload", "chunk")
 _COMPILED_ONLY = ("conv2d",)  # NOTE [Conv layouts in compiled plans]
 Budget = Union[int, float, str]
 
@@ -306,7 +305,7 @@ def optimize_(
     config = dataclasses.replace(config, allow=tuple(a for a in config.allow if a not in not_here))
     say = _progress(progress)
     allowed = config.allow + (LOSSY_OPTIONS if config.lossy else ())
-    islands = tuple(a for a in allowed if a in _ISLANDS) if compiled else ()
+    islands = tuple(a for a in allowed if a in ISLAND_OPTIONS) if compiled else ()
 
     if costs is None:
         costs = chain_costs(model, inputs, loss_fn, allowed, autocast, measure_times=measure, progress=say)
