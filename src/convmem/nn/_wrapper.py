@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
@@ -75,6 +75,14 @@ def restore_(model: nn.Module) -> nn.Module:
         # Outermost first: its name stays valid, and what it wraps may hold more wrappers.
         name = min(names, key=lambda n: n.count("."))
         replace_submodule(model, name, unwrap(model.get_submodule(name)))
+
+
+def swappable(model: nn.Module, wrapper: type, reason_of: Callable[[nn.Module], Optional[str]]) -> Dict[str, nn.Module]:
+    """A `wrapper` around every module of `model` that `reason_of` finds no reason against and that
+    no `wrapper` wraps already, by name; nothing is swapped (``swap_modules`` does that)."""
+    inside = {id(m.wrapped) for m in model.modules() if isinstance(m, wrapper)}
+    return {name: wrapper(module) for name, module in model.named_modules()
+            if name and id(module) not in inside and reason_of(module) is None}
 
 
 def wrapper_state(model: nn.Module) -> Dict[str, str]:

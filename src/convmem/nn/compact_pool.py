@@ -36,7 +36,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ._wrapper import ModuleWrapper
+from ._wrapper import ModuleWrapper, swappable
 
 __all__ = ["CompactMaxPool1d", "compact_pool_reason", "compact_pools"]
 
@@ -172,6 +172,4 @@ def compact_pools(model: nn.Module) -> Dict[str, CompactMaxPool1d]:
     """A `CompactMaxPool1d` for every max-pool of `model` that can be one and is not one already, by
     name; nothing is swapped (`fuse_` swaps them, and `optimize_`: NOTE [Compact max-pools in plans]
     in plan/costs.py)."""
-    inside = {id(m.wrapped) for m in model.modules() if isinstance(m, CompactMaxPool1d)}  # compact already
-    return {name: CompactMaxPool1d(module) for name, module in model.named_modules()
-            if name and id(module) not in inside and compact_pool_reason(module) is None}
+    return swappable(model, CompactMaxPool1d, compact_pool_reason)

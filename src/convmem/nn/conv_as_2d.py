@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ._wrapper import ModuleWrapper
+from ._wrapper import ModuleWrapper, swappable
 
 __all__ = ["Conv1dAs2d", "conv_as_2d_reason", "convs_as_2d"]
 
@@ -69,6 +69,4 @@ class Conv1dAs2d(ModuleWrapper):
 def convs_as_2d(model: nn.Module) -> Dict[str, Conv1dAs2d]:
     """A `Conv1dAs2d` for every Conv1d of `model` that can be one and is not one already, by name;
     nothing is swapped (`optimize_` swaps them: NOTE [Conv layouts in compiled plans])."""
-    inside = {id(m.wrapped) for m in model.modules() if isinstance(m, Conv1dAs2d)}
-    return {name: Conv1dAs2d(module) for name, module in model.named_modules()
-            if name and id(module) not in inside and conv_as_2d_reason(module) is None}
+    return swappable(model, Conv1dAs2d, conv_as_2d_reason)
