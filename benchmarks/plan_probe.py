@@ -1,0 +1,129 @@
+"""Measure hand-written plans of one zoo model under torch.compile, beside an anchor. GPU machine only.
+
+    python benchmarks/plan_probe.py OUT_DIR --model w2v2_fe --anchor torch_checkpoint_blocks \
+        --plans "chunk4,keep;checkpoint,chunk2" [--conv2d both] [--compile-mode reduce-overhead]
+
+Where the planner's cost model and a compiled step disagree (NOTE [Using the slack] in
+convmem/strategies/optimize.py), this answers which plans near its answer would have fit and how fast
+they run, without the planner in the way: each plan is written block by block (``keep``,
+``selective``, ``checkpoint``, ``chunkN`` for a batch chunk of N samples, ``offload``; blocks not
+named are kept), applied with `convmem.apply_` to a fresh model, compiled and measured the way the
+optimize bench measures its rows (benchmarks/harness.py). ``--conv2d`` runs each plan with the
+model's Conv1ds as they are, as conv2d (NOTE [Conv layouts in compiled plans]), or both. Rows go to
+OUT_DIR/plan_probe.csv; the probe informs the planner's design and is not a plan of `optimize_`, so
+docs/BENCHMARKS.md reports its rows apart from the optimize bench's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import harness  # noqa: E402
+import strategies  # noqa: E402
+from strategies import Prepared  # noqa: E402
+
+from convmem import apply_, optimize_, zoo  # noqa: E402
+from convmem.nn.conv_as_2d import convs_as_2d  # noqa: E402
+from convmem.plan.plan import PlanSegment  # noqa: E402
+
+ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
+FIELDS = harness.FIELDS + ["plan", "conv2d", "compile_mode"]
+_OPTION = re.compile(r"^(keep|selective|checkpoint|offload|chunk(\d+))$")
+
+
+def parse_plan(text: str, n_items: int):
+    """``"chunk4,keep"`` -> one PlanSegment per block (the blocks not named kept)."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if len(words) > n_items:
+        raise ValueError(f"plan {text!r} names {len(words)} blocks; the model has {n_items}")
+    segments = []
+    for index, word in enumerate(words + ["keep"] * (n_items - len(words))):
+        match = _OPTION.match(word)
+        if match is None:
+            raise ValueError(f"plan {text!r}: {word!r} is not keep, selective, checkpoint, offload or chunkN")
+        if match.group(2):
+            segments.append(PlanSegment(index, index + 1, "chunk", batch_chunk=int(match.group(2))))
+        else:
+            segments.append(PlanSegment(index, index + 1, word))
+    return segments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--model", required=True, choices=zoo.names())
+    parser.add_argument("--anchor", default="", help="an anchor measured first, in the same run")
+    parser.add_argument("--plans", required=True, help="plans separated by ';', blocks by ','")
+    parser.add_argument("--conv2d", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", default="default")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    if args.anchor and args.anchor not in ANCHORS:
+        parser.error(f"--anchor {args.anchor!r}: choose one of {', '.join(ANCHORS)}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    out_csv = os.path.join(args.out_dir, "plan_probe.csv")
+    device = torch.device(args.device)
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    base = harness.row_base("plan_probe", args.size)
+
+    def row_for(strategy, entry, **extra):
+        return dict(base, model=args.model, strategy=strategy,
+                    batch=entry.inputs[0].shape[0], input_shape="x".join(str(n) for n in entry.inputs[0].shape),
+                    time=datetime.datetime.now().isoformat(timespec="seconds"), **extra)
+
+    def measure(entry, prepared, row):
+        row.update(harness.measure_strategy(entry, prepared, args.repeats, device))
+        row["peak_gib"] = round(row["peak_bytes"] / 2**30, 4) if row["peak_bytes"] is not None else None
+        row["status"] = "ok"
+        harness._append(out_csv, row, FIELDS)
+        print(harness._line(row), row.get("plan", ""), row.get("conv2d", ""), flush=True)
+
+    if args.anchor:
+        entry = zoo.get(args.model, size=args.size, device=args.device)
+        measure(entry, ANCHORS[args.anchor](entry), row_for(args.anchor, entry))
+        del entry
+        harness.free_between_rows()
+
+    # the untouched plan of this model (from its estimate, on the meta device): its blocks and
+    # structure, which each written plan's segments replace
+    entry = zoo.get(args.model, size=args.size, device="meta")
+    template = optimize_(entry.model, *entry.inputs, budget=1.0, loss_fn=entry.loss_fn, allow=("checkpoint",),
+                         measure=False)
+    convs = sorted(convs_as_2d(entry.model))
+    del entry
+
+    layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.conv2d]
+    for text in [p.strip() for p in args.plans.split(";") if p.strip()]:
+        segments = parse_plan(text, len(template.items))
+        for as_2d in layouts:
+            plan = dataclasses.replace(template, segments=segments, pools=[], convs_2d=convs if as_2d else [])
+            entry = zoo.get(args.model, size=args.size, device=args.device)
+            row = row_for("probe_compiled" + (f"_{mode.replace('-', '_')}" if mode else ""), entry,
+                          plan=text, conv2d=as_2d, compile_mode=args.compile_mode)
+            try:
+                apply_(entry.model, plan)
+                harness.free_between_rows()  # a reset compiler: each plan compiles from scratch
+                prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=torch.compile(entry.model, mode=mode),
+                                    warmup_steps=strategies.compile_warmup(mode))
+                measure(entry, prepared, row)
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "oom"
+                harness._append(out_csv, row, FIELDS)
+                print(f"[plan_probe] {text} conv2d={as_2d}: out of memory", flush=True)
+            del entry
+            harness.free_between_rows()
+
+
+if __name__ == "__main__":
+    main()
