@@ -111,3 +111,29 @@ def test_a_row_compiled_after_a_budget_row_runs_without_that_budget():
     functorch_config.activation_memory_budget = 0.5  # as strategies.compiled(0.5) leaves it
     harness.free_between_rows()
     assert functorch_config.activation_memory_budget == 1.0
+
+
+def test_the_plan_probe_reads_a_written_plan_block_by_block():
+    import plan_probe
+    import pytest
+
+    segments = plan_probe.parse_plan("chunk4, checkpoint", 3)
+    assert [(s.start, s.stop, s.option, s.batch_chunk) for s in segments] == [
+        (0, 1, "chunk", 4), (1, 2, "checkpoint", None), (2, 3, "keep", None)]
+    for bad in ("chunk", "tile64", "keep,keep,keep,keep"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            plan_probe.parse_plan(bad, 3)
+
+
+def test_the_plan_probe_measures_each_plan_in_each_layout_beside_its_anchor(tmp_path):
+    script = os.path.join(BENCHMARKS, "plan_probe.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path), "--device", "cpu", "--size", "small",
+                           "--model", "w2v2_fe", "--anchor", "torch_checkpoint_blocks", "--plans", "chunk1,checkpoint",
+                           "--conv2d", "both", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "plan_probe.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["strategy"], r["plan"], r["conv2d"]) for r in rows] == [
+        ("torch_checkpoint_blocks", "", ""), ("probe_compiled", "chunk1,checkpoint", "False"),
+        ("probe_compiled", "chunk1,checkpoint", "True")]
+    assert all(r["status"] == "ok" and float(r["step_ms"]) > 0 for r in rows)
