@@ -9,7 +9,9 @@ they run, without the planner in the way: each plan is written block by block (`
 ``selective``, ``checkpoint``, ``chunkN`` for a batch chunk of N samples, ``offload``; blocks not
 named are kept), applied with `convmem.apply_` to a fresh model, compiled and measured the way the
 optimize bench measures its rows (benchmarks/harness.py). ``--conv2d`` runs each plan with the
-model's Conv1ds as they are, as conv2d (NOTE [Conv layouts in compiled plans]), or both. Rows go to
+model's Conv1ds as they are, as conv2d (NOTE [Conv layouts in compiled plans]), or both; ``--chunks``
+runs the chunked blocks' modules compiled on their own, as `optimize_`'s compiled plans do (NOTE
+[Compiled chunks] in convmem/nn/batch_chunked.py), eagerly, or both. Rows go to
 OUT_DIR/plan_probe.csv; the probe informs the planner's design and is not a plan of `optimize_`, so
 docs/BENCHMARKS.md reports its rows apart from the optimize bench's.
 """
@@ -36,7 +38,7 @@ from convmem.nn.conv_as_2d import convs_as_2d  # noqa: E402
 from convmem.plan.plan import PlanSegment  # noqa: E402
 
 ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
-FIELDS = harness.FIELDS + ["plan", "conv2d", "compile_mode"]
+FIELDS = harness.FIELDS + ["plan", "conv2d", "compiled_chunks", "compile_mode"]
 _OPTION = re.compile(r"^(keep|selective|checkpoint|offload|chunk(\d+))$")
 
 
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--anchor", default="", help="an anchor measured first, in the same run")
     parser.add_argument("--plans", required=True, help="plans separated by ';', blocks by ','")
     parser.add_argument("--conv2d", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--chunks", choices=("compiled", "eager", "both"), default="compiled")
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="default")
@@ -87,7 +90,8 @@ def main() -> None:
         row["peak_gib"] = round(row["peak_bytes"] / 2**30, 4) if row["peak_bytes"] is not None else None
         row["status"] = "ok"
         harness._append(out_csv, row, FIELDS)
-        print(harness._line(row), row.get("plan", ""), row.get("conv2d", ""), flush=True)
+        print(harness._line(row), row.get("plan", ""), f"conv2d={row.get('conv2d', '')}",
+              f"compiled_chunks={row.get('compiled_chunks', '')}", flush=True)
 
     if args.anchor:
         entry = zoo.get(args.model, size=args.size, device=args.device)
@@ -104,25 +108,29 @@ def main() -> None:
     del entry
 
     layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.conv2d]
-    for text in [p.strip() for p in args.plans.split(";") if p.strip()]:
-        segments = parse_plan(text, len(template.items))
-        for as_2d in layouts:
-            plan = dataclasses.replace(template, segments=segments, pools=[], convs_2d=convs if as_2d else [])
-            entry = zoo.get(args.model, size=args.size, device=args.device)
-            row = row_for("probe_compiled" + (f"_{mode.replace('-', '_')}" if mode else ""), entry,
-                          plan=text, conv2d=as_2d, compile_mode=args.compile_mode)
-            try:
-                apply_(entry.model, plan)
-                harness.free_between_rows()  # a reset compiler: each plan compiles from scratch
-                prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=torch.compile(entry.model, mode=mode),
-                                    warmup_steps=strategies.compile_warmup(mode))
-                measure(entry, prepared, row)
-            except torch.cuda.OutOfMemoryError:
-                row["status"] = "oom"
-                harness._append(out_csv, row, FIELDS)
-                print(f"[plan_probe] {text} conv2d={as_2d}: out of memory", flush=True)
-            del entry
-            harness.free_between_rows()
+    chunkings = {"eager": [False], "compiled": [True], "both": [False, True]}[args.chunks]
+    written = {text: parse_plan(text, len(template.items)) for text in [p.strip() for p in args.plans.split(";")]
+               if text}  # every plan read before the first is measured
+    runs = [(text, as_2d, compiled_chunks) for text in written for as_2d in layouts for compiled_chunks in chunkings]
+    for text, as_2d, compiled_chunks in runs:
+        segments = written[text]
+        plan = dataclasses.replace(template, segments=segments, pools=[], convs_2d=convs if as_2d else [],
+                                   compiled=compiled_chunks)
+        entry = zoo.get(args.model, size=args.size, device=args.device)
+        row = row_for("probe_compiled" + (f"_{mode.replace('-', '_')}" if mode else ""), entry,
+                      plan=text, conv2d=as_2d, compiled_chunks=compiled_chunks, compile_mode=args.compile_mode)
+        try:
+            apply_(entry.model, plan)
+            harness.free_between_rows()  # a reset compiler: each plan compiles from scratch
+            prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=torch.compile(entry.model, mode=mode),
+                                warmup_steps=strategies.compile_warmup(mode))
+            measure(entry, prepared, row)
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+            harness._append(out_csv, row, FIELDS)
+            print(f"[plan_probe] {text} conv2d={as_2d} compiled_chunks={compiled_chunks}: out of memory", flush=True)
+        del entry
+        harness.free_between_rows()
 
 
 if __name__ == "__main__":

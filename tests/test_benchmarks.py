@@ -129,11 +129,14 @@ def test_the_plan_probe_measures_each_plan_in_each_layout_beside_its_anchor(tmp_
     script = os.path.join(BENCHMARKS, "plan_probe.py")
     done = subprocess.run([sys.executable, script, str(tmp_path), "--device", "cpu", "--size", "small",
                            "--model", "w2v2_fe", "--anchor", "torch_checkpoint_blocks", "--plans", "chunk1,checkpoint",
-                           "--conv2d", "both", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+                           "--conv2d", "both", "--chunks", "both", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "plan_probe.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["strategy"], r["plan"], r["conv2d"]) for r in rows] == [
-        ("torch_checkpoint_blocks", "", ""), ("probe_compiled", "chunk1,checkpoint", "False"),
-        ("probe_compiled", "chunk1,checkpoint", "True")]
+    plan = "chunk1,checkpoint"
+    assert [(r["strategy"], r["plan"], r["conv2d"], r["compiled_chunks"]) for r in rows] == [
+        ("torch_checkpoint_blocks", "", "", ""), ("probe_compiled", plan, "False", "False"),
+        ("probe_compiled", plan, "False", "True"), ("probe_compiled", plan, "True", "False"),
+        ("probe_compiled", plan, "True", "True")]
     assert all(r["status"] == "ok" and float(r["step_ms"]) > 0 for r in rows)

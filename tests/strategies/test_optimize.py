@@ -532,7 +532,11 @@ def test_compiled_plans_take_eager_islands_only_below_what_compiled_code_reaches
     islands = [name for name, kind in state.items() if kind == "EagerIsland"]
     assert islands and all(state[name + ".wrapped"] in ("Offloaded", "BatchChunked") for name in islands)
     assert f"{len(islands)} offloaded or chunked block" in below.explain()
-    assert "run eagerly" not in above.explain()
+    assert "outside the graphs" not in above.explain()
+    # NOTE [Compiled chunks]: a compiled plan's chunked blocks compile on their own; an eager plan's do not
+    assert below.compiled and not floors[False, OPTIONS].plan.compiled
+    chunked = [entry.model.get_submodule(name).wrapped for name in islands if state[name + ".wrapped"] == "BatchChunked"]
+    assert chunked and all(c.compile_block for c in chunked)
     convmem.restore_(entry.model)
 
     with warnings.catch_warnings():

@@ -22,17 +22,20 @@
 # Under torch.compile a BatchChunked runs in an eager island (NOTE [Eager islands in compiled plans]
 # in eager_island.py), and the module it wraps then runs at eager speed, forward and the chunks'
 # recompute and backward alike: on an H200 wav2vec 2.0's first layer (a Conv1d, a GroupNorm over
-# 64,000 steps and a GELU) in chunks of four samples cost 2.6 ms more than the same layer
-# checkpointed compiled, the anchor's whole margin. With ``compile_block=True`` the wrapped module is
-# called through its own ``torch.compile`` (default mode, made at the first call, not a submodule:
-# the state_dict keeps its keys): the full-batch forward under no_grad and each chunk's recompute
-# and backward (AOTAutograd's compiled backward, run by the chunk's `torch.autograd.grad`) are
-# compiled graphs of their own, while the chunking itself -- what Dynamo would trace away -- stays
-# in the island's eager code. Dynamo compiles nested calls inside a `torch.compiler.disable`d frame
-# (tests/nn/test_batch_chunked.py counts the frames). Results are the compiled module's: equal to
-# the eager module's up to floating-point reassociation, as compiled code is. On the meta device
-# (convmem's estimate) the module runs as it is. `optimize_` sets it on the chunked blocks of plans
-# made for compiled training (`Plan.compiled`).
+# 64,000 steps and a GELU) in chunks of four samples took 2.6 ms more than the same layer
+# checkpointed compiled (benchmarks/results/plan_probe.csv). With ``compile_block=True`` the wrapped
+# module is called through its own ``torch.compile`` (default mode, static shapes, made at the first
+# call, not a submodule: the state_dict keeps its keys): the full-batch forward under no_grad and
+# each chunk's recompute and backward (AOTAutograd's compiled backward, run by the chunk's
+# `torch.autograd.grad`) are compiled graphs of their own, while the chunking itself -- which Dynamo
+# would trace away -- stays in the island's eager code. Dynamo compiles nested calls inside a
+# `torch.compiler.disable`d frame (tests/nn/test_batch_chunked.py counts the frames). Shapes are
+# static: the full batch, the chunk and a shorter last chunk compile once each (with the batch
+# dynamic, Inductor in torch 2.13 failed on wav2vec 2.0's first layer: "cannot determine truth value
+# of Relational"). Results are the compiled module's: equal to the eager module's up to
+# floating-point reassociation, as compiled code is. On the meta device (convmem's estimate) the
+# module runs as it is. `optimize_` sets it on the chunked blocks of plans made for compiled
+# training (`Plan.compiled`).
 """
 from __future__ import annotations
 
@@ -149,7 +152,7 @@ class BatchChunked(ModuleWrapper):
             return self.wrapped
         compiled = _COMPILED.get(self)
         if compiled is None:
-            compiled = _COMPILED[self] = torch.compile(self.wrapped)
+            compiled = _COMPILED[self] = torch.compile(self.wrapped, dynamic=False)
         return compiled
 
     def _params(self) -> List[nn.Parameter]:

@@ -44,7 +44,8 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # planning and compiles the tiles), with the max-pools compact (NOTE [Compact max-pools in plans]).
 # When none of those plans fits, offload and chunk are offered too, as eager islands (NOTE [Eager
 # islands in compiled plans] in nn/eager_island.py): a second pass plans with them, the plans the
-# first judged over the budget not judged again.
+# first judged over the budget not judged again. A chunked block compiles on its own inside its
+# island (NOTE [Compiled chunks] in nn/batch_chunked.py); an offloaded one runs eagerly.
 #
 # NOTE [Using the slack]
 # The cost model can also overstate what a plan holds, most under torch.compile, whose partitioner
@@ -340,6 +341,7 @@ def optimize_(
             pools=[] if untouched else list(costs.pools),
             convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
                       if not any(n.startswith(t + ".") for t in tiled)],
+            compiled=compiled,  # NOTE [Compiled chunks]
         )
 
     judged_over = {}  # _plan_key -> (peak, plan) of every plan judged over the budget
