@@ -11,7 +11,8 @@
 # and after, and the module -- with the wrapper inside it doing its work -- runs eagerly, its
 # backward through autograd between the compiled backward graphs. Outputs and gradients are the
 # wrapped module's. An island costs what eager mode costs on it, the compiled speed of that module
-# and a graph break (a few launches of host time); `optimize_` plans compiled models with islands
+# (a BatchChunked can win part of it back by compiling its module apart: NOTE [Compiled chunks] in
+# batch_chunked.py) and a graph break (a few launches of host time); `optimize_` plans compiled models with islands
 # only for budgets that no fully compiled plan meets (NOTE [Plans for compiled models] in
 # strategies/optimize.py). Eagerly an island is the module itself (one function call more).
 # ``torch.compile(fullgraph=True)`` refuses a graph break, and so refuses a model holding an island.
