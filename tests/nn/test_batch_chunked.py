@@ -100,8 +100,12 @@ def test_a_compiled_block_is_exact_and_runs_compiled_forward_and_in_each_chunk(m
 def test_a_compiled_block_inside_an_island_of_a_compiled_model_compiles_apart(monkeypatch):
     calls = []
     backward = convmem.nn.batch_chunked._Chunked.backward
-    monkeypatch.setattr(convmem.nn.batch_chunked._Chunked, "backward",
-                        staticmethod(lambda ctx, *grads: calls.append(ctx.wrapper.batch_chunk) or backward(ctx, *grads)))
+
+    def counted(ctx, *grads):
+        calls.append(ctx.wrapper.batch_chunk)
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(convmem.nn.batch_chunked._Chunked, "backward", staticmethod(counted))
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Conv1d(3, 3, 3, padding=1), nn.GELU(), _block(), nn.Conv1d(3, 2, 1)).double()
     model = copy.deepcopy(reference)

@@ -535,7 +535,8 @@ def test_compiled_plans_take_eager_islands_only_below_what_compiled_code_reaches
     assert "outside the graphs" not in above.explain()
     # NOTE [Compiled chunks]: a compiled plan's chunked blocks compile on their own; an eager plan's do not
     assert below.compiled and not floors[False, OPTIONS].plan.compiled
-    chunked = [entry.model.get_submodule(name).wrapped for name in islands if state[name + ".wrapped"] == "BatchChunked"]
+    chunked = [entry.model.get_submodule(name).wrapped for name in islands
+               if state[name + ".wrapped"] == "BatchChunked"]
     assert chunked and all(c.compile_block for c in chunked)
     convmem.restore_(entry.model)
 

@@ -23,9 +23,9 @@
 # in eager_island.py), and the module it wraps then runs at eager speed, forward and the chunks'
 # recompute and backward alike: on an H200 wav2vec 2.0's first layer (a Conv1d, a GroupNorm over
 # 64,000 steps and a GELU) in chunks of four samples took 2.6 ms more than the same layer
-# checkpointed compiled (benchmarks/results/plan_probe.csv). With ``compile_block=True`` the wrapped
-# module is called through its own ``torch.compile`` (default mode, static shapes, made at the first
-# call, not a submodule: the state_dict keeps its keys): the full-batch forward under no_grad and
+# checkpointed compiled (benchmarks/results/plan_probe.csv). With ``compile_block=True`` the
+# wrapped module is called through its own ``torch.compile`` (default mode, static shapes, made at
+# the first call, not a submodule: the state_dict keeps its keys): the full-batch forward under no_grad and
 # each chunk's recompute and backward (AOTAutograd's compiled backward, run by the chunk's
 # `torch.autograd.grad`) are compiled graphs of their own, while the chunking itself -- which Dynamo
 # would trace away -- stays in the island's eager code. Dynamo compiles nested calls inside a
@@ -35,13 +35,13 @@
 # of Relational"). Results are the compiled module's: equal to the eager module's up to
 # floating-point reassociation, as compiled code is. On the meta device (convmem's estimate) the
 # module runs as it is. `optimize_` sets it on the chunked blocks of plans made for compiled
-# training (`Plan.compiled`).
+# training (`Plan.compiled`). On the H200 it won back 0.3-0.6 ms of the 2.6 (same file: the step
+# with wav2vec 2.0's first two layers chunked, 28.9 against 29.6 ms eagerly chunked).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
-
 import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ __all__ = ["BatchChunked"]
 # NOTE [Compiled chunks]: each wrapper's compiled module, kept off the wrapper so that neither its
 # state_dict nor a deepcopy of the model sees it (a copy compiles its own at its first call)
 _COMPILED: "weakref.WeakKeyDictionary[BatchChunked, nn.Module]" = weakref.WeakKeyDictionary()
+
 
 def coupling_module(module: nn.Module) -> Optional[Tuple[str, str]]:
     """``(qualified name, reason)`` of a submodule that couples the samples of a batch, or None."""

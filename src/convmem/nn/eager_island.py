@@ -12,9 +12,9 @@
 # backward through autograd between the compiled backward graphs. Outputs and gradients are the
 # wrapped module's. An island costs what eager mode costs on it, the compiled speed of that module
 # (a BatchChunked can win part of it back by compiling its module apart: NOTE [Compiled chunks] in
-# batch_chunked.py) and a graph break (a few launches of host time); `optimize_` plans compiled models with islands
-# only for budgets that no fully compiled plan meets (NOTE [Plans for compiled models] in
-# strategies/optimize.py). Eagerly an island is the module itself (one function call more).
+# batch_chunked.py) and a graph break (a few launches of host time); `optimize_` plans compiled
+# models with islands only for budgets that no fully compiled plan meets (NOTE [Plans for compiled
+# models] in strategies/optimize.py). Eagerly an island is the module itself (one function call more).
 # ``torch.compile(fullgraph=True)`` refuses a graph break, and so refuses a model holding an island.
 """
 from __future__ import annotations

@@ -123,9 +123,9 @@ class Plan:
                          "(the compiled step measured faster so)")
         islands = sum(s.stop - s.start for s in self.segments if s.option in ISLAND_OPTIONS)
         if islands:  # NOTE [Eager islands in compiled plans]
+            apart = "; chunked blocks compile on their own there (NOTE [Compiled chunks])" if self.compiled else ""
             lines.append(f"  {islands} offloaded or chunked block{'s' if islands > 1 else ''} run outside the graphs "
-                         "of torch.compile (EagerIsland: the graph breaks around each)"
-                         + ("; chunked blocks compile on their own there (NOTE [Compiled chunks])" if self.compiled else ""))
+                         f"of torch.compile (EagerIsland: the graph breaks around each){apart}")
         if self.estimated_peak_bytes is not None:
             lines.append(f"  estimate of the optimized model (convmem.profile): {format_bytes(self.estimated_peak_bytes)}")
         if any(s.option == "bf16" for s in self.segments):
@@ -264,8 +264,9 @@ def _item_wrappers(model: nn.Module, plan: Plan, inside: List[PlanSegment], mult
                     replacements[name] = Checkpointed(module, "full")
             elif seg.option == "tile":
                 replacements[name] = Tiled(module, seg.tile_length, name=name)
-            elif seg.option == "chunk":  # NOTE [Chunk sizes]; NOTE [Eager islands in compiled plans]
-                replacements[name] = EagerIsland(BatchChunked(module, seg.batch_chunk or 1, compile_block=plan.compiled))
+            elif seg.option == "chunk":  # NOTE [Chunk sizes]; NOTE [Eager islands in compiled plans]; [Compiled chunks]
+                chunked = BatchChunked(module, seg.batch_chunk or 1, compile_block=plan.compiled)
+                replacements[name] = EagerIsland(chunked)
             elif seg.option == "fuse":
                 replacements.update(fused_chains(model, name))  # NOTE [Fused chains as an option]
             elif seg.option == "bf16":

@@ -71,8 +71,10 @@ the optimized model; on a GPU it also measures the optimized step. Exact options
 # checkpointed and measured 3.95 GiB or more against 3.92, other choices blamed each time: the
 # second layer's chunks of two hold more in all (4.15 GiB by the cost model against the
 # checkpoint's 3.42) but 0.37 GiB more than the accepted chunks of one, where the checkpoint holds
-# 0.73 more than the accepted chunks of four. At most four such rounds, and only when measuring on a GPU: the estimate alone
-# has no measured time to settle a faster-on-paper plan.
+# 0.73 more than the accepted chunks of four; blamed so, the checkpoint went after one round and
+# the fourth found the second layer in chunks of two, 3.35 GiB at 28.7 ms against the accepted
+# 3.22 at 29.1 (run 46). At most four such rounds, and only when measuring on a GPU: the estimate
+# alone has no measured time to settle a faster-on-paper plan.
 #
 # NOTE [Conv layouts in compiled plans]
 # Option "conv2d" (compiled plans only, not per block): every Conv1d computed as a conv2d over a
