@@ -93,12 +93,6 @@ def main() -> None:
         print(harness._line(row), row.get("plan", ""), f"conv2d={row.get('conv2d', '')}",
               f"compiled_chunks={row.get('compiled_chunks', '')}", flush=True)
 
-    if args.anchor:
-        entry = zoo.get(args.model, size=args.size, device=args.device)
-        measure(entry, ANCHORS[args.anchor](entry), row_for(args.anchor, entry))
-        del entry
-        harness.free_between_rows()
-
     # the untouched plan of this model (from its estimate, on the meta device): its blocks and
     # structure, which each written plan's segments replace
     entry = zoo.get(args.model, size=args.size, device="meta")
@@ -106,11 +100,20 @@ def main() -> None:
                          measure=False)
     convs = sorted(convs_as_2d(entry.model))
     del entry
+    try:  # every plan read before anything is measured
+        written = {text: parse_plan(text, len(template.items)) for text in [p.strip() for p in args.plans.split(";")]
+                   if text}
+    except ValueError as error:
+        parser.error(str(error))
+
+    if args.anchor:
+        entry = zoo.get(args.model, size=args.size, device=args.device)
+        measure(entry, ANCHORS[args.anchor](entry), row_for(args.anchor, entry))
+        del entry
+        harness.free_between_rows()
 
     layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.conv2d]
     chunkings = {"eager": [False], "compiled": [True], "both": [False, True]}[args.chunks]
-    written = {text: parse_plan(text, len(template.items)) for text in [p.strip() for p in args.plans.split(";")]
-               if text}  # every plan read before the first is measured
     runs = [(text, as_2d, compiled_chunks) for text in written for as_2d in layouts for compiled_chunks in chunkings]
     for text, as_2d, compiled_chunks in runs:
         segments = written[text]

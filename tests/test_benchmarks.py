@@ -113,24 +113,23 @@ def test_a_row_compiled_after_a_budget_row_runs_without_that_budget():
     assert functorch_config.activation_memory_budget == 1.0
 
 
-def test_the_plan_probe_reads_a_written_plan_block_by_block():
-    import plan_probe
-    import pytest
+def _plan_probe(out_dir, *args: str) -> subprocess.CompletedProcess:
+    script = os.path.join(BENCHMARKS, "plan_probe.py")  # a process of its own: see _optimize_bench
+    return subprocess.run([sys.executable, script, str(out_dir), "--device", "cpu", "--size", "small",
+                           "--model", "w2v2_fe", "--repeats", "1", *args], capture_output=True, text=True, timeout=600)
 
-    segments = plan_probe.parse_plan("chunk4, checkpoint", 3)
-    assert [(s.start, s.stop, s.option, s.batch_chunk) for s in segments] == [
-        (0, 1, "chunk", 4), (1, 2, "checkpoint", None), (2, 3, "keep", None)]
-    for bad in ("chunk", "tile64", "keep,keep,keep,keep"):
-        with pytest.raises(ValueError, match=re.escape(repr(bad))):
-            plan_probe.parse_plan(bad, 3)
+
+def test_the_plan_probe_refuses_a_plan_it_cannot_read_before_measuring_anything(tmp_path):
+    for plans, said in (("chunk4;tile64", "'tile64' is not keep"), ("chunk", "'chunk' is not keep"),
+                        (",".join(["keep"] * 8), "names 8 blocks; the model has 7")):
+        done = _plan_probe(tmp_path, "--anchor", "torch_checkpoint_blocks", "--plans", plans)
+        assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "plan_probe.csv").exists()
 
 
 def test_the_plan_probe_measures_each_plan_in_each_layout_beside_its_anchor(tmp_path):
-    script = os.path.join(BENCHMARKS, "plan_probe.py")
-    done = subprocess.run([sys.executable, script, str(tmp_path), "--device", "cpu", "--size", "small",
-                           "--model", "w2v2_fe", "--anchor", "torch_checkpoint_blocks", "--plans", "chunk1,checkpoint",
-                           "--conv2d", "both", "--chunks", "both", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=600)
+    done = _plan_probe(tmp_path, "--anchor", "torch_checkpoint_blocks", "--plans", "chunk1,checkpoint",
+                       "--conv2d", "both", "--chunks", "both")
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "plan_probe.csv") as f:
         rows = list(csv.DictReader(f))
