@@ -187,7 +187,8 @@ def bench_model(name, args, base, out_csv, deadline):
             if plan.convs_2d:  # NOTE [Conv layouts in compiled plans]
                 labels += f"; {len(plan.convs_2d)} Conv1d as conv2d"
             # what optimize_ measured when it judged the plan, beside this row's own measurement: on an
-            # H200 the judging timed graphed plans 0.4-0.9 ms faster than the rows (runs 42-46), untraced
+            # H200 the judging timed compiled plans 0.3-0.9 ms faster than their rows (runs 42, 43, 45 and
+            # 46; 4-5 ms on host-bound convtasnet, runs 41 and 44), for reasons not yet traced
             judged = (f"judged {plan.measured_peak_bytes} B at {plan.measured_step_s * 1e3:.2f} ms; "
                       if plan.measured_step_s is not None else "")
             row["note"] = (f"budget {budget} B; predicted {plan.predicted_peak_bytes} B, extra "
