@@ -1,0 +1,163 @@
+"""Does a dilated Conv1d run faster as an undilated conv2d over its phases? GPU machine only.
+
+A Conv1d of dilation d (stride 1) over a length L that d divides, padded by a multiple of d, is
+the same sums of the same products as a conv2d with kernel (k, 1) and no dilation over the input
+viewed (batch, channels, L / d, d): position t = m * d + r is row m, column r, and the taps
+t - d, t, t + d are rows m - 1, m, m + 1 of the same column. The view costs nothing; whether
+cuDNN's undilated kernels are faster than its dilated ones is what this measures:
+
+1. per dilation, one convolution's forward and backward (eager), as it is and over its phases;
+2. the zoo models with dilated convs (tcn, wavenet), eager and under torch.compile's default mode,
+   as they are and with every dilated Conv1d computed over its phases, measured the harness's way,
+   in alternating order (A B A B) so that the spread between two rows of one version shows;
+3. a torch.profiler kernel table of one compiled step of each, to see where the time moves.
+
+    python benchmarks/dilation_probe.py OUT_DIR [--models tcn,wavenet] [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import harness  # noqa: E402
+from strategies import Prepared  # noqa: E402
+
+from convmem import zoo  # noqa: E402
+
+
+def phase_conv(x, weight, bias, dilation: int, padding: int, groups: int = 1):
+    batch, channels, length = x.shape
+    out = F.conv2d(x.view(batch, channels, length // dilation, dilation), weight.unsqueeze(-1), bias, 1,
+                   (padding // dilation, 0), 1, groups)
+    return out.reshape(batch, out.shape[1], -1)
+
+
+class PhaseConv(nn.Module):
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        c = self.conv
+        d, p = c.dilation[0], c.padding[0]
+        if x.shape[-1] % d or p % d:
+            return c(x)
+        return phase_conv(x, c.weight, c.bias, d, p, c.groups)
+
+
+def swap_dilated(model: nn.Module) -> int:
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Conv1d and child.dilation[0] > 1 and child.stride[0] == 1 \
+                    and isinstance(child.padding, tuple) and child.padding_mode == "zeros":
+                setattr(module, child_name, PhaseConv(child))
+                swapped += 1
+    return swapped
+
+
+def micro(rows, repeats: int) -> None:
+    shapes = [("tcn", 4, 256, 256, 65536, 3, [1, 2, 4, 8, 16, 32, 64, 128], "same"),
+              ("wavenet", 8, 128, 256, 16384, 2, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], "causal")]
+    for model, batch, cin, cout, length, k, dilations, pad in shapes:
+        for d in dilations:
+            p = d * (k - 1) // 2 if pad == "same" else 0
+            in_len = length if pad == "same" else length + d * (k - 1)
+            x = torch.randn(batch, cin, in_len, device="cuda", requires_grad=True)
+            w = torch.randn(cout, cin, k, device="cuda", requires_grad=True)
+            b = torch.randn(cout, device="cuda", requires_grad=True)
+            g = torch.randn(batch, cout, length, device="cuda")
+            ref = F.conv1d(x.double(), w.double(), b.double(), 1, p, d)
+            for impl in ("conv1d", "phases"):
+                def step():
+                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else phase_conv(x, w, b, d, p)
+                    y.backward(g)
+                    return y
+                with torch.no_grad():
+                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else phase_conv(x, w, b, d, p)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                for _ in range(3):
+                    step()
+                times = harness.cuda_times(step, repeats)
+                row = dict(section="micro", model=model, impl=impl, dilation=d, ms=round(statistics.median(times), 4),
+                           ms_min=round(min(times), 4), ms_max=round(max(times), 4), rel_err=f"{err:.2e}")
+                rows.append(row)
+                print(row, flush=True)
+                x.grad = w.grad = b.grad = None
+
+
+def kernel_table(prepared, steps: int = 2, top: int = 12) -> str:
+    totals = collections.Counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            prepared.step()
+        torch.cuda.synchronize()
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.key] += event.device_time_total / 1e3 / steps
+    lines = [f"  total {sum(totals.values()):8.2f} ms per step"]
+    lines += [f"  {ms:8.2f} ms  {name[:110]}" for name, ms in totals.most_common(top)]
+    return "\n".join(lines)
+
+
+def models(rows, names, repeats: int) -> None:
+    for name in names:
+        tables = {}
+        for round_ in range(2):
+            for mode in ("eager", "compile"):
+                for impl in ("as_is", "phases"):
+                    entry = zoo.get(name, device="cuda")
+                    swapped = swap_dilated(entry.model) if impl == "phases" else 0
+                    forward = torch.compile(entry.model) if mode == "compile" else entry.model
+                    prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
+                                        warmup_steps=3)
+                    result = harness.measure_strategy(entry, prepared, repeats, torch.device("cuda"))
+                    if round_ == 0 and mode == "compile":
+                        tables[impl] = kernel_table(prepared)
+                    row = dict(section="model", model=name, impl=impl, mode=mode, round=round_, swapped=swapped,
+                               peak_gib=round(result["peak_bytes"] / 2**30, 4), ms=round(result["step_ms"], 3),
+                               ms_min=round(result["step_ms_min"], 3), ms_max=round(result["step_ms_max"], 3))
+                    rows.append(row)
+                    print(row, flush=True)
+                    del entry, prepared, forward
+                    harness.free_between_rows()
+        for impl, table in tables.items():
+            print(f"[{name} compiled, {impl}] kernels\n{table}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--models", default="tcn,wavenet")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--skip-micro", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows = []
+    base = harness.row_base("dilation_probe", "default")
+    try:
+        if not args.skip_micro:
+            micro(rows, 20)
+        models(rows, [m for m in args.models.split(",") if m], args.repeats)
+    finally:
+        fields = list(base) + sorted({k for r in rows for k in r})
+        with open(os.path.join(args.out_dir, "dilation_probe.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**base, **r})
+
+
+if __name__ == "__main__":
+    main()
