@@ -56,11 +56,11 @@ class PhaseConv(nn.Module):
         return phase_conv(x, c.weight, c.bias, d, p, c.groups)
 
 
-def swap_dilated(model: nn.Module) -> int:
+def swap_dilated(model: nn.Module, least: int = 2) -> int:
     swapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Conv1d and child.dilation[0] > 1 and child.stride[0] == 1 \
+            if type(child) is nn.Conv1d and child.dilation[0] >= least and child.stride[0] == 1 \
                     and isinstance(child.padding, tuple) and child.padding_mode == "zeros":
                 setattr(module, child_name, PhaseConv(child))
                 swapped += 1
@@ -115,10 +115,10 @@ def models(rows, names, repeats: int) -> None:
     for name in names:
         tables = {}
         for round_ in range(2):
-            for mode in ("eager", "compile"):
-                for impl in ("as_is", "phases"):
-                    entry = zoo.get(name, device="cuda")
-                    swapped = swap_dilated(entry.model) if impl == "phases" else 0
+            for mode in ("eager", "compile") if round_ == 0 else ("compile",):
+                for impl in ("as_is", "phases", "phases16"):
+                    entry = zoo.get(name, size="default", device="cuda")
+                    swapped = swap_dilated(entry.model, 16 if impl == "phases16" else 2) if impl != "as_is" else 0
                     forward = torch.compile(entry.model) if mode == "compile" else entry.model
                     prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
                                         warmup_steps=3)
