@@ -4,6 +4,7 @@ from .batch_chunked import BatchChunked
 from .checkpointed import Checkpointed
 from .compact_pool import CompactMaxPool1d
 from .conv_as_2d import Conv1dAs2d
+from .conv_phases import Conv1dByPhases
 from .eager_island import EagerIsland
 from .depthwise_separable import DepthwiseSeparableConv1d
 from .downsample import DownsampleConv1d
@@ -14,4 +15,4 @@ from .saved_precision import LowPrecisionSaved
 from .tiled import Tiled
 
 __all__ = ["ModuleWrapper", "Checkpointed", "Tiled", "Offloaded", "OffloadGroup", "LowPrecisionSaved", "BatchChunked", "DepthwiseSeparableConv1d", "DownsampleConv1d", "FusedDepthwiseConv1d", "FusedNormActConv",
-           "FusedActivation", "CompactMaxPool1d", "Conv1dAs2d", "EagerIsland", "restore_", "unwrap"]
+           "FusedActivation", "CompactMaxPool1d", "Conv1dAs2d", "Conv1dByPhases", "EagerIsland", "restore_", "unwrap"]
