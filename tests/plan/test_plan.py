@@ -505,3 +505,86 @@ def test_a_plan_that_fails_to_apply_leaves_the_pools_as_they_were():
     with pytest.raises(ValueError, match="unknown option 'bogus'"):
         apply_(fresh.model, broken)
     assert not wrapper_state(fresh.model)
+
+
+# ------------------------------------------------------------- dilated convs by phases
+def _phases_timed_by(monkeypatch, pays=lambda dilation: dilation >= 4):
+    """Every step the planner times takes 1 s, a lone dilated conv by phases 0.5 s where `pays`
+    says so and 0.99 s (not 3% faster) elsewhere: NOTE [Convs by phases in plans] on the CPU."""
+    from convmem.nn import Conv1dByPhases
+    from convmem.plan import costs as costs_module
+
+    timed = []
+
+    def fake(model, inputs, *args, **kwargs):
+        if isinstance(model, Conv1dByPhases):
+            timed.append((model.wrapped.dilation[0], tuple(inputs[0].shape)))
+            return 0.5 if pays(model.wrapped.dilation[0]) else 0.99
+        return 1.0
+
+    monkeypatch.setattr(costs_module, "step_seconds", fake)
+    return timed
+
+
+def test_phases_that_pay_times_each_kind_of_conv_once_and_leaves_the_model_as_it_was(monkeypatch):
+    from convmem.plan.costs import phases_that_pay
+
+    timed = _phases_timed_by(monkeypatch)
+    entry = small("tcn", num_blocks=10)  # dilations 1, 2, ..., 128, 1, 2
+    state = {k: v.clone() for k, v in entry.model.state_dict().items()}
+    chosen = phases_that_pay(entry.model, entry.inputs, None)
+    dilations = {f"blocks.{i}.dilated": 2 ** (i % 8) for i in range(10)}
+    assert sorted(chosen) == sorted(n for n, d in dilations.items() if d >= 4)
+    assert sorted(d for d, _ in timed) == [2, 4, 8, 16, 32, 64, 128]  # blocks 8 and 9 repeat 0 and 1
+    assert all(shape == tuple(entry.inputs[0].shape[:1]) + (16, entry.inputs[0].shape[-1]) for _, shape in timed)
+    assert not wrapper_state(entry.model)
+    assert not any(m._forward_pre_hooks for m in entry.model.modules())
+    for key, value in entry.model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_plans_run_the_dilated_convs_that_pay_by_phases_exactly(monkeypatch):
+    _phases_timed_by(monkeypatch)
+    entry = small("tcn")
+    reference = twin(entry.model)
+    untouched = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn).peak_bytes
+    plan = optimize_(entry.model, *entry.inputs, budget=int(untouched * 0.6), loss_fn=entry.loss_fn,
+                     allow=("selective", "checkpoint", "tile", "phases"), measure=True)
+    expected = [f"blocks.{i}.dilated" for i in range(8) if 2 ** i >= 4]
+    assert plan.convs_by_phases == plan.costs.phased == expected
+    assert {n.replace("wrapped.", "") for n, kind in wrapper_state(entry.model).items()
+            if kind == "Conv1dByPhases"} == set(expected)
+    assert "dilated Conv1d computed by phases" in plan.explain()
+    assert any(s.option != "keep" for s in plan.segments)
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
+
+    fresh = small("tcn")
+    apply_(fresh.model, Plan.from_json(plan.to_json()))
+    assert wrapper_state(fresh.model) == wrapper_state(entry.model)
+    assert_same_step(reference, fresh.model, entry.inputs, entry.loss_fn, steps=1)
+
+
+def test_without_timing_nothing_runs_by_phases():
+    entry = small("wavenet")
+    plan = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, measure=False)
+    assert plan.costs.phased == [] and plan.convs_by_phases == []
+
+
+def test_phases_refused_where_the_model_differs_or_the_costs_do_not_match_allow(monkeypatch):
+    _phases_timed_by(monkeypatch)
+    entry = small("tcn")
+    plan = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, allow=("checkpoint", "phases"),
+                     measure=True)
+    assert plan.convs_by_phases  # kept for a budget the untouched model meets: the step is faster so
+    other = small("tcn")
+    other.model.blocks[2].dilated.dilation = (1,)
+    with pytest.raises(ValueError, match=r"'blocks.2.dilated' by phases; here it is not dilated"):
+        apply_(other.model, plan)
+    assert not wrapper_state(other.model)
+    both = dataclasses.replace(plan, convs_2d=[plan.convs_by_phases[0]])
+    with pytest.raises(ValueError, match="both as a conv2d and by phases"):
+        apply_(small("tcn").model, both)
+    convmem.restore_(entry.model)
+    with pytest.raises(ValueError, match="allow 'phases'"):
+        optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, allow=("checkpoint",),
+                  costs=plan.costs, measure=False)

@@ -179,7 +179,7 @@ class InfeasibleBudget(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig(ConfigDict):
     """``allow``: the options the planner may use, a subset of ("selective", "checkpoint", "tile",
-    "offload", "chunk", "fuse", "pool", "conv2d"); "keep" is always allowed."""
+    "offload", "chunk", "fuse", "pool", "conv2d", "phases"); "keep" is always allowed."""
 
     allow: Tuple[str, ...] = OPTIONS
     lossy: bool = False
@@ -252,7 +252,9 @@ def optimize_(
             untouched model's estimated peak (``0.25`` or ``"25%"``).
         loss_fn: ``loss_fn(output) -> scalar``; default: mean of squares of the outputs.
         allow: options the planner may use; "keep" always is. "pool" is not per block: it runs
-            every max-pool with int8 window offsets (NOTE [Compact max-pools in plans]).
+            every max-pool with int8 window offsets (NOTE [Compact max-pools in plans]); nor is
+            "phases": on a GPU, every dilated Conv1d whose step measured faster as an undilated
+            conv2d over its phases runs so (NOTE [Convs by phases in plans]).
         lossy: also allow keeping blocks' saved activations in bfloat16 ("bf16": outputs unchanged,
             gradients rounded; NOTE [Saved tensors in low precision]). The plan then reports the
             relative gradient error it causes on the example inputs (``plan.lossy_gradient_error``,
@@ -320,6 +322,9 @@ def optimize_(
     if costs.pools and "pool" not in allowed:
         raise ValueError(f"{_STRATEGY}: these costs were taken with the model's max-pools compact (option 'pool', "
                          "NOTE [Compact max-pools in plans]); allow 'pool' or let optimize_ measure the costs again")
+    if costs.phased and "phases" not in allowed:
+        raise ValueError(f"{_STRATEGY}: these costs were taken with dilated Conv1ds by phases (option 'phases', "
+                         "NOTE [Convs by phases in plans]); allow 'phases' or let optimize_ measure the costs again")
     if not costs.items:
         raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks]); "
                          "use convmem.checkpoint_(model, filter_fn=...) or convmem.tile_ on chosen modules instead")
@@ -347,7 +352,8 @@ def optimize_(
             eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
             pools=[] if untouched else list(costs.pools),
             convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
-                      if not any(n.startswith(t + ".") for t in tiled)],
+                      if not any(n.startswith(t + ".") for t in tiled) and n not in costs.phased],
+            convs_by_phases=list(costs.phased),  # NOTE [Convs by phases in plans]
             compiled=compiled,  # NOTE [Compiled chunks]
         )
 
@@ -398,7 +404,7 @@ def optimize_(
     def choose_layout() -> List[str]:
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
-        candidates = sorted(convs_as_2d(model))
+        candidates = sorted(n for n in convs_as_2d(model) if n not in costs.phased)
         keep_all = _every_item(costs.problem(allowed, plan_length), "keep")
         if not candidates or keep_all is None:
             return []
@@ -608,7 +614,7 @@ def _layout(segments) -> Tuple:
 
 def _plan_key(plan: Plan) -> Tuple:
     """What makes two plans the same step: the blocks' options, the compact pools, the conv layouts."""
-    return _layout(plan.segments), tuple(plan.pools), tuple(plan.convs_2d)
+    return _layout(plan.segments), tuple(plan.pools), tuple(plan.convs_2d), tuple(plan.convs_by_phases)
 
 
 _MEASUREMENTS = ("estimated_peak_bytes", "measured_peak_bytes", "measured_step_s", "measured_compiled",
