@@ -72,9 +72,10 @@ def tiling_table() -> str:
 
 def _plan_text(note: str) -> str:
     """'checkpointx1+checkpointx1+keepx1' -> 'checkpoint x2, keep': runs of one option grouped; the
-    plan's compact max-pools and convs as conv2d ('; 7 max-pools compact') follow in brackets."""
+    plan's compact max-pools, convs as conv2d and convs by phases ('; 7 max-pools compact') follow in
+    brackets."""
     fields = note.split("; ")
-    extras = [f for f in fields if f.endswith(("max-pools compact", "Conv1d as conv2d"))]
+    extras = [f for f in fields if f.endswith(("max-pools compact", "Conv1d as conv2d", "Conv1d by phases"))]
     tokens = [f for f in fields if f not in extras][-1].split("+")
     groups = []
     for token in tokens:
