@@ -126,6 +126,30 @@ def optimize_table() -> str:
                                f"{commits}; each row against the eager step of its own run.)")
 
 
+def dilation_tables() -> str:
+    """benchmarks/dilation_probe.py: one convolution per dilation, then whole steps, as they are and
+    with their dilated Conv1ds by phases (NOTE [Dilated convs by phases])."""
+    import csv
+
+    with open(os.path.join(os.path.dirname(__file__), "results", "dilation_probe.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    micro = defaultdict(dict)
+    for r in (r for r in rows if r["section"] == "micro"):
+        micro[(r["model"], int(r["dilation"]))][r["impl"]] = float(r["ms"])
+    lines = ["| shape of | dilation | Conv1d ms | by phases ms | speed-up |", "|---|---:|---:|---:|---:|"]
+    for (model, dilation), t in micro.items():
+        lines.append(f"| {model} | {dilation} | {t['conv1d']:.2f} | {t['phases']:.2f} | {t['conv1d'] / t['phases']:.2f}x |")
+    lines += ["", "| model | mode | round | convs by phases | peak GiB | step ms (min-max) |",
+              "|---|---|---:|---|---:|---|"]
+    for r in (r for r in rows if r["section"] == "model"):
+        which = {"as_is": "none", "phases": f"every dilated ({r['swapped']})",
+                 "phases16": f"dilation >= 16 ({r['swapped']})"}[r["impl"]]
+        lines.append(f"| {r['model']} | {r['mode']} | {r['round']} | {which} | {float(r['peak_gib']):.3f} | "
+                     f"{float(r['ms']):.1f} ({float(r['ms_min']):.1f}-{float(r['ms_max']):.1f}) |")
+    commits = ", ".join(sorted({r["commit"] for r in rows}))
+    return "\n".join(lines) + f"\n\n({rows[0]['device']}, torch {rows[0]['torch']}, commits {commits}.)"
+
+
 def comparable(anchor: str, regime: str) -> bool:
     """Exact numerics: an fp32 anchor is met only by fp32 plans (eager or compiled); the bf16 anchor by
     any plan (a plan under the same autocast computes what the anchor computes; its options are exact)."""
@@ -203,6 +227,7 @@ SECTIONS = {
         "convmem_selective_compiled", "convmem_selective_compiled_outputs_recomputed"}),
     "host_time": lambda: strategy_table("host_time"),
     "tiling": tiling_table,
+    "dilation_probe": dilation_tables,
 }
 
 
