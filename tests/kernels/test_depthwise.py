@@ -281,3 +281,47 @@ def test_cuda_int64_offsets():
     tail = y[0, 0, -5:].float().cpu()
     assert torch.equal(tail, torch.tensor([177.0, 180.0, 183.0, 186.0, 125.0]))
     assert y[0, 0, 2**31 - 100].item() == 3.0
+
+
+# ------------------------------------------------------------- under torch.compile
+@pytest.mark.parametrize("kernels", ["interpreted", "reference"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 9, 13, 22)], ids=[IDS[i] for i in (1, 5, 9, 13, 22)])
+def test_compiled_matches_reference_in_one_graph(case, kernels, monkeypatch):
+    # NOTE [Depthwise under torch.compile]: the forward and backward are custom ops, traced in one
+    # graph (fullgraph: no break), their gradients the reference's; "reference": where the kernels
+    # cannot run, the ops compute the reference and its own gradients
+    if kernels == "reference":
+        monkeypatch.setattr(dw, "kernels_usable", lambda device: False)
+    torch._dynamo.reset()
+    tensors, kwargs = _inputs(case, torch.float64)
+    compiled = torch.compile(lambda x, w, b: depthwise_conv1d(x, w, b, **kwargs), backend="aot_eager",
+                             fullgraph=True)
+    actual, grad_out = _run(lambda x, w, b, **_: compiled(x, w, b), tensors, kwargs)
+    expected, _ = _run(depthwise_conv1d_ref, tensors, kwargs, grad_out)
+    for name, a, e in zip(["output", "grad x", "grad weight", "grad bias"], actual, expected):
+        assert a.shape == e.shape, name
+        assert relative_error(a, e, floor=1e-12) < 1e-12, f"{name}: {relative_error(a, e):.3g}"
+
+
+def test_compiled_partial_gradients():
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 21, dtype=torch.float64)
+    w = torch.randn(3, 1, 5, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(lambda x, w: depthwise_conv1d(x, w, None, padding="same", activation="silu"),
+                             backend="aot_eager", fullgraph=True)
+    (grad_w,) = torch.autograd.grad(compiled(x, w).square().sum(), [w])
+    (expected,) = torch.autograd.grad(depthwise_conv1d_ref(x, w, None, padding="same", activation="silu").square().sum(), [w])
+    assert relative_error(grad_w, expected, floor=1e-12) < 1e-12
+
+
+@cuda
+@pytest.mark.parametrize("case", [CASES[i] for i in (4, 15, 22)])
+def test_cuda_inductor_matches_reference(case):
+    torch._dynamo.reset()
+    tensors, kwargs = _inputs(case, torch.float64, batch=3)
+    tensors = [t.detach().cuda().requires_grad_() if t is not None else None for t in tensors]
+    compiled = torch.compile(lambda x, w, b: depthwise_conv1d(x, w, b, **kwargs), fullgraph=True)
+    actual, grad_out = _run(lambda x, w, b, **_: compiled(x, w, b), tensors, kwargs)
+    expected, _ = _run(depthwise_conv1d_ref, tensors, kwargs, grad_out)
+    for a, e in zip(actual, expected):
+        assert relative_error(a, e, floor=1e-12) < 1e-10

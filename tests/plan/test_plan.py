@@ -508,10 +508,11 @@ def test_a_plan_that_fails_to_apply_leaves_the_pools_as_they_were():
 
 
 # ------------------------------------------------------------- dilated convs by phases
-def _phases_timed_by(monkeypatch, pays=lambda dilation: dilation >= 4):
+def _phases_timed_by(monkeypatch, pays=lambda dilation: dilation >= 4, kernel_s=None):
     """Every step the planner times takes 1 s, a lone dilated conv by phases 0.5 s where `pays`
-    says so and 0.99 s (not 3% faster) elsewhere: NOTE [Convs by phases in plans] on the CPU."""
-    from convmem.nn import Conv1dByPhases
+    says so and 0.99 s (not 3% faster) elsewhere, one on the depthwise kernel `kernel_s` (the
+    kernel then usable on the CPU): NOTE [Convs by phases in plans] on the CPU."""
+    from convmem.nn import Conv1dByPhases, FusedDepthwiseConv1d
     from convmem.plan import costs as costs_module
 
     timed = []
@@ -520,19 +521,23 @@ def _phases_timed_by(monkeypatch, pays=lambda dilation: dilation >= 4):
         if isinstance(model, Conv1dByPhases):
             timed.append((model.wrapped.dilation[0], tuple(inputs[0].shape)))
             return 0.5 if pays(model.wrapped.dilation[0]) else 0.99
+        if isinstance(model, FusedDepthwiseConv1d):
+            return kernel_s
         return 1.0
 
     monkeypatch.setattr(costs_module, "step_seconds", fake)
+    if kernel_s is not None:
+        monkeypatch.setattr(costs_module, "kernels_usable", lambda device: True)
     return timed
 
 
-def test_phases_that_pay_times_each_kind_of_conv_once_and_leaves_the_model_as_it_was(monkeypatch):
-    from convmem.plan.costs import phases_that_pay
+def test_faster_convs_times_each_kind_of_conv_once_and_leaves_the_model_as_it_was(monkeypatch):
+    from convmem.plan.costs import faster_convs
 
     timed = _phases_timed_by(monkeypatch)
     entry = small("tcn", num_blocks=10)  # dilations 1, 2, ..., 128, 1, 2
     state = {k: v.clone() for k, v in entry.model.state_dict().items()}
-    chosen = phases_that_pay(entry.model, entry.inputs, None)
+    chosen = faster_convs(entry.model, entry.inputs, None, ("phases",))["phases"]
     dilations = {f"blocks.{i}.dilated": 2 ** (i % 8) for i in range(10)}
     assert sorted(chosen) == sorted(n for n, d in dilations.items() if d >= 4)
     assert sorted(d for d, _ in timed) == [2, 4, 8, 16, 32, 64, 128]  # blocks 8 and 9 repeat 0 and 1
@@ -585,6 +590,34 @@ def test_phases_refused_where_the_model_differs_or_the_costs_do_not_match_allow(
     with pytest.raises(ValueError, match="both as a conv2d and by phases"):
         apply_(small("tcn").model, both)
     convmem.restore_(entry.model)
-    with pytest.raises(ValueError, match="allow 'phases'"):
+    with pytest.raises(ValueError, match="option 'phases'.*allow 'phases'"):
         optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, allow=("checkpoint",),
                   costs=plan.costs, measure=False)
+
+
+@pytest.mark.parametrize("kernel_s, way", [(0.4, "depthwise"), (0.7, "phases")])
+def test_the_fastest_way_of_a_dilated_depthwise_conv_wins_and_applies_exactly(monkeypatch, kernel_s, way):
+    # Conv-TasNet's depthwise convs are dilated: by phases (0.5 s where the dilation is 4 or more)
+    # or on the kernel (`kernel_s`), whichever measured faster; none where neither is 3% faster
+    import warnings
+
+    _phases_timed_by(monkeypatch, kernel_s=kernel_s)
+    entry = zoo.get("convtasnet", size="small", dtype=torch.float64)
+    reference = twin(entry.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the kernel's reference fallback on the CPU warns once
+        plan = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn,
+                         allow=("checkpoint", "phases", "depthwise"), measure=True)
+        assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=1)
+    depthwise = {n for n, m in reference.named_modules() if type(m) is nn.Conv1d and m.groups == m.in_channels}
+    dilated = {n for n in depthwise if reference.get_submodule(n).dilation[0] >= 4}
+    if way == "depthwise":  # 0.4 beats phases everywhere
+        assert set(plan.convs_depthwise) == depthwise and not plan.convs_by_phases
+        assert "depthwise Conv1d on convmem's Triton kernel" in plan.explain()
+    else:  # 0.7 beats only the phases that are not faster
+        assert set(plan.convs_by_phases) == dilated and set(plan.convs_depthwise) == depthwise - dilated
+    kinds = wrapper_state(entry.model)
+    assert sum(kind == "FusedDepthwiseConv1d" for kind in kinds.values()) == len(plan.convs_depthwise)
+    fresh = zoo.get("convtasnet", size="small", dtype=torch.float64)
+    apply_(fresh.model, Plan.from_json(plan.to_json()))
+    assert wrapper_state(fresh.model) == kinds

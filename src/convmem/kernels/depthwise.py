@@ -53,6 +53,19 @@ channel ``o`` reads input channel ``o // multiplier``), as ``nn.Conv1d`` with ``
 # `depthwise_conv1d` runs `depthwise_conv1d_ref` and warns once. On the meta device it runs a
 # shape-only version of the fused function, so that convmem's no-GPU memory estimate sees what the
 # kernels keep.
+#
+# NOTE [Depthwise under torch.compile]
+# Dynamo cannot trace the launchers (grid arithmetic over strides, device queries, kernels defined
+# on first use), and a graph break around every depthwise conv would cost what the kernel saves.
+# While compiling, `depthwise_conv1d` calls the forward and the backward as two torch.library
+# custom ops (``convmem::depthwise_conv1d`` and its ``_backward``) with shape-only fake
+# implementations: Dynamo and AOTAutograd trace them as opaque nodes, Inductor calls them as they
+# are, and the backward op is the autograd rule of the forward one (registered with
+# `register_autograd`), saving x, the weight and the bias, as the eager autograd function does.
+# Where the kernels cannot run (no Triton, the CPU without the interpreter) the ops compute the
+# reference and its gradients. On an H200 cuDNN's depthwise convolutions are the slow part of the
+# Conformer conv module (eager, 32.7 ms a step, 25.9 with the kernels: "Fused depthwise kernels"
+# in docs/BENCHMARKS.md), which compiled plans can then use (option "depthwise" of `optimize_`).
 """
 from __future__ import annotations
 
@@ -274,12 +287,89 @@ def depthwise_conv1d(
     kernel_size, stride, dilation, left, right = _check(x, weight, bias, stride, padding, dilation, activation)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if weight.dim() == 2:
+        weight = weight.unsqueeze(1)
+    if torch.compiler.is_compiling():  # NOTE [Depthwise under torch.compile]
+        return _depthwise_op(x, weight, bias, stride, left, right, dilation, activation or "")
     if device_type != "meta" and not kernels_usable(x.device):
         _warn_once(device_type, _fallback_reason(x.device))
         return depthwise_conv1d_ref(x, weight, bias, stride, (left, right), dilation, activation)
-    if weight.dim() == 2:
-        weight = weight.unsqueeze(1)
     return _DepthwiseConv1dFunction.apply(x, weight, bias, stride, left, right, dilation, activation)
+
+
+@torch.library.custom_op("convmem::depthwise_conv1d", mutates_args=())
+def _depthwise_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, left: int,
+                  right: int, dilation: int, activation: str) -> torch.Tensor:
+    """The forward as one opaque op for torch.compile (NOTE [Depthwise under torch.compile]);
+    `activation` "" for none."""
+    if not kernels_usable(x.device):
+        return depthwise_conv1d_ref(x, weight, bias, stride, (left, right), dilation, activation or None)
+    return _forward(x, weight, bias, stride, left, right, dilation, activation or None)
+
+
+@_depthwise_op.register_fake
+def _(x, weight, bias, stride, left, right, dilation, activation):
+    batch, _, length = x.shape
+    out_channels, _, kernel_size = weight.shape
+    return x.new_empty(batch, out_channels, (length + left + right - dilation * (kernel_size - 1) - 1) // stride + 1)
+
+
+@torch.library.custom_op("convmem::depthwise_conv1d_backward", mutates_args=())
+def _depthwise_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           stride: int, left: int, right: int, dilation: int, activation: str, need_x: bool,
+                           need_w: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, weight and bias; an empty tensor stands for one not needed."""
+    if kernels_usable(x.device):
+        grads = _backward(x, weight, bias, grad_out, stride, left, right, dilation, activation or None,
+                          need_x, need_w, need_b)
+    else:
+        grads = _reference_backward(x, weight, bias, grad_out, stride, left, right, dilation, activation or None,
+                                    need_x, need_w, need_b)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def _reference_backward(x, weight, bias, grad_out, stride, left, right, dilation, activation, need_x, need_w, need_b):
+    """`depthwise_conv1d_ref`'s gradients from aten's backward ops: a custom op runs below autograd,
+    so the reference cannot be differentiated there."""
+    padded = F.pad(x, (left, right)) if left or right else x
+    groups = x.shape[1]
+    pre = F.conv1d(padded, weight, bias, stride, 0, dilation, groups=groups)
+    if activation == "relu":
+        grad_out = torch.ops.aten.threshold_backward(grad_out, F.relu(pre), 0)
+    elif activation == "gelu":
+        grad_out = torch.ops.aten.gelu_backward(grad_out, pre)
+    elif activation == "silu":
+        grad_out = torch.ops.aten.silu_backward(grad_out, pre)
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out, padded, weight, list(bias.shape) if bias is not None else None, [stride], [0], [dilation], False,
+        [0], groups, [need_x, need_w, need_b])
+    if grad_x is not None and (left or right):
+        grad_x = grad_x[..., left:left + x.shape[-1]]
+    return grad_x, grad_w, grad_b
+
+
+@_depthwise_backward_op.register_fake
+def _(grad_out, x, weight, bias, stride, left, right, dilation, activation, need_x, need_w, need_b):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0), weight.new_empty(weight.shape) if need_w else x.new_empty(0),
+            bias.new_empty(bias.shape) if need_b else x.new_empty(0))
+
+
+def _depthwise_op_context(ctx, inputs, output) -> None:
+    x, weight, bias, stride, left, right, dilation, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.conf = (stride, left, right, dilation, activation)
+
+
+def _depthwise_op_gradients(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias is not None
+    grad_x, grad_w, grad_b = _depthwise_backward_op(grad_out, x, weight, bias, *ctx.conf, need_x, need_w, need_b)
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
+            None, None, None, None, None)
+
+
+_depthwise_op.register_autograd(_depthwise_op_gradients, setup_context=_depthwise_op_context)
 
 
 class _DepthwiseConv1dFunction(torch.autograd.Function):

@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..kernels.depthwise import ACTIVATIONS, depthwise_conv1d
+from ..analysis import trace as _trace
+from ..kernels.depthwise import ACTIVATIONS, depthwise_conv1d, depthwise_conv1d_ref
 from ._wrapper import ModuleWrapper
 
 __all__ = ["FusedDepthwiseConv1d", "FusedActivation", "fusable_reason", "activation_name"]
@@ -147,7 +148,10 @@ class FusedDepthwiseConv1d(ModuleWrapper):
         if unbatched:
             x = x.unsqueeze(0)
         padding = conv.padding if isinstance(conv.padding, str) else conv.padding[0]
-        y = depthwise_conv1d(x, conv.weight, conv.bias, conv.stride[0], padding, conv.dilation[0], self.activation)
+        # a length trace (NOTE [The trace is not part of the step]) follows aten ops: the same
+        # function, plainly
+        run = depthwise_conv1d_ref if _trace.is_active() else depthwise_conv1d
+        y = run(x, conv.weight, conv.bias, conv.stride[0], padding, conv.dilation[0], self.activation)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

@@ -84,7 +84,9 @@ from ..analysis.receptive_field import known_refusal, receptive_field
 from ..nn._wrapper import ModuleWrapper
 from ..nn.checkpointed import Checkpointed, resolve_policy
 from ..nn.compact_pool import compact_pools
-from ..nn.conv_phases import Conv1dByPhases, convs_by_phases
+from ..kernels.depthwise import kernels_usable
+from ..nn.conv_phases import Conv1dByPhases, conv_by_phases_reason
+from ..nn.fused_depthwise import FusedDepthwiseConv1d, fusable_reason
 from ..nn.batch_chunked import BatchChunked, coupling_module
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
@@ -100,11 +102,11 @@ from .timing import step_seconds
 
 __all__ = ["ItemCost", "ChainCosts", "chain_costs", "chain_span", "fused_chains", "OPTIONS"]
 
-OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk", "fuse", "pool", "conv2d", "phases")
+OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk", "fuse", "pool", "conv2d", "phases", "depthwise")
 LOSSY_OPTIONS = ("bf16",)  # saved activations in bfloat16: nn/saved_precision.py, only with lossy=True
 _TILE_FRACTIONS = (2, 4, 8, 16, 32)  # candidate tile lengths: the input length over these
 _MIN_TILE = 256
-_PHASES_GAIN = 0.97  # NOTE [Convs by phases in plans]: by phases where at most this share of the time
+_FASTER_SHARE = 0.97  # NOTE [Convs by phases in plans]: swapped where at most this share of the time
 
 
 @dataclasses.dataclass
@@ -161,6 +163,7 @@ class ChainCosts:
     batch: int = 1
     pools: List[str] = dataclasses.field(default_factory=list)  # NOTE [Compact max-pools in plans]
     phased: List[str] = dataclasses.field(default_factory=list)  # NOTE [Convs by phases in plans]
+    depthwise: List[str] = dataclasses.field(default_factory=list)  # ... on convmem's depthwise kernel
 
     def scale(self, length: int) -> float:
         return length / self.length
@@ -417,15 +420,16 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     """Per block of `model`, what each allowed option keeps and costs (NOTE [Measured option costs])."""
     blocks = plannable_items(model)
     pools = compact_pools(model) if "pool" in allow else {}
-    phased = {}
-    if "phases" in allow and (measure_times if measure_times is not None else _on_cuda(model, inputs)):
-        phased = phases_that_pay(model, inputs, autocast, progress or (lambda text: None))
-    if not pools and not phased:
+    faster = {}  # NOTE [Convs by phases in plans]
+    if {"phases", "depthwise"} & set(allow) and (measure_times if measure_times is not None else _on_cuda(model, inputs)):
+        faster = faster_convs(model, inputs, autocast, allow, progress or (lambda text: None))
+    phased, depthwise = faster.get("phases", {}), faster.get("depthwise", {})
+    if not pools and not phased and not depthwise:
         return _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     # NOTE [Compact max-pools in plans], NOTE [Convs by phases in plans]: every option is costed
     # with them; the untouched model's estimate stays what budgets are fractions of.
     untouched = estimate_step(meta_clone(model), to_meta(tuple(inputs)), loss_fn, autocast_dtype=autocast)
-    undo = swap_modules(model, {**pools, **phased})
+    undo = swap_modules(model, {**pools, **phased, **depthwise})
     try:
         costs = _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     finally:
@@ -433,6 +437,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     costs.eager_peak = untouched.peak_bytes
     costs.pools = sorted(pools)
     costs.phased = sorted(phased)
+    costs.depthwise = sorted(depthwise)
     calls = _first_calls(untouched.calls)
     for it in costs.items:
         it.kept_untouched = inclusive_kept(calls[it.name]) if it.name in calls else None
@@ -448,22 +453,42 @@ def _on_cuda(model: nn.Module, inputs: Sequence[Any]) -> bool:
     return device is not None and device.type == "cuda"
 
 
-def phases_that_pay(model: nn.Module, inputs: Sequence[Any], autocast: Optional[torch.dtype],
-                    say=lambda text: None) -> Dict[str, Conv1dByPhases]:
-    """The dilated Conv1ds of `model` whose forward and backward, timed at the input each sees in one
-    forward of `inputs`, measured faster by phases (NOTE [Convs by phases in plans]): a
-    `Conv1dByPhases` for each, by name; nothing is swapped."""
-    candidates = convs_by_phases(model)
+# The convolutions `faster_convs` may swap, each a way of computing the same sums: its option name,
+# what to call it in the progress lines, and the wrapper of a conv (or None where it cannot run it).
+def _by_phases(conv: nn.Module, device: torch.device) -> Optional[nn.Module]:
+    return Conv1dByPhases(conv) if conv_by_phases_reason(conv) is None else None
+
+
+def _on_the_kernel(conv: nn.Module, device: torch.device) -> Optional[nn.Module]:
+    usable = type(conv) is nn.Conv1d and fusable_reason(conv) is None and kernels_usable(device)
+    return FusedDepthwiseConv1d.from_conv1d(conv) if usable else None
+
+
+_FASTER = (("phases", "by phases", _by_phases), ("depthwise", "on convmem's depthwise kernel", _on_the_kernel))
+
+
+def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[torch.dtype], allow: Sequence[str],
+                 say=lambda text: None) -> Dict[str, Dict[str, nn.Module]]:
+    """Per option of `allow` among "phases" and "depthwise", the Conv1ds of `model` that measured
+    faster so (NOTE [Convs by phases in plans]): ``{option: {name: wrapper}}``, nothing swapped.
+
+    Each convolution's forward and backward is timed at the input it sees in one forward of
+    `inputs`, as it is and each way it can run; it takes the fastest way where that is at least 3%
+    faster than as it is."""
+    ways = {option: (words, wrap) for option, words, wrap in _FASTER if option in allow}
+    device = _device_of(model, inputs)
+    candidates = {name: m for name, m in model.named_modules() if type(m) is nn.Conv1d
+                  and any(wrap(m, device) is not None for _, wrap in ways.values())}
+    chosen: Dict[str, Dict[str, nn.Module]] = {option: {} for option in ways}
     if not candidates:
-        return {}
+        return chosen
     seen: Dict[str, Tuple[torch.Size, torch.dtype]] = {}  # the input of each one's first call
 
     def record(name: str, args) -> None:
         seen.setdefault(name, (args[0].shape, args[0].dtype))
 
-    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: record(name, args))
-             for name in candidates]
-    device = _device_of(model, inputs)
+    hooks = [conv.register_forward_pre_hook(lambda module, args, name=name: record(name, args))
+             for name, conv in candidates.items()]
     try:
         with preserved(model), torch.no_grad(), (
                 torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
@@ -471,26 +496,27 @@ def phases_that_pay(model: nn.Module, inputs: Sequence[Any], autocast: Optional[
     finally:
         for hook in hooks:
             hook.remove()
-    timed: Dict[Tuple, bool] = {}  # convolutions alike in shape and input answer once
-    pay = {}
-    for name, wrapper in candidates.items():
+    fastest: Dict[Tuple, Optional[str]] = {}  # convolutions alike in shape and input answer once
+    for name, conv in candidates.items():
         if name not in seen:
             continue
-        conv = wrapper.wrapped
         shape, dtype = seen[name]
         key = (shape, dtype, conv.in_channels, conv.out_channels, conv.kernel_size, conv.dilation, conv.padding,
                conv.groups, conv.bias is None)
-        if key not in timed:
+        if key not in fastest:
             alone = copy.deepcopy(conv)
             x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
             plain = step_seconds(alone, [x], repeats=5, warmup=2, autocast=autocast)
-            phases = step_seconds(Conv1dByPhases(alone), [x], repeats=5, warmup=2, autocast=autocast)
-            timed[key] = phases <= _PHASES_GAIN * plain
-            say(f"{name} (dilation {conv.dilation[0]}): {plain * 1e3:.2f} ms as it is, {phases * 1e3:.2f} ms by phases")
+            times = {option: step_seconds(wrap(alone, device), [x], repeats=5, warmup=2, autocast=autocast)
+                     for option, (_, wrap) in ways.items() if wrap(alone, device) is not None}
+            best = min(times, key=times.get)
+            fastest[key] = best if times[best] <= _FASTER_SHARE * plain else None
+            say(f"{name} (dilation {conv.dilation[0]}, groups {conv.groups}): {plain * 1e3:.2f} ms as it is, "
+                + ", ".join(f"{t * 1e3:.2f} ms {ways[option][0]}" for option, t in times.items()))
             del alone, x
-        if timed[key]:
-            pay[name] = wrapper
-    return pay
+        if fastest[key] is not None:
+            chosen[fastest[key]][name] = ways[fastest[key]][1](conv, device)
+    return chosen
 
 
 def _chain_costs(model: nn.Module, blocks: Tuple[List[str], Optional[str]], inputs: Sequence[Any],

@@ -2,7 +2,8 @@
 
 A `Plan` is data: it names the model's blocks and, per run of blocks, the option chosen (keep,
 selective, checkpoint, offload, tile at a length), the max-pools it runs compact, the Conv1ds it
-computes as conv2d and the dilated ones it computes by phases. It round-trips through `to_dict`/`from_dict` (JSON-safe) and
+computes as conv2d, the dilated ones it computes by phases and the depthwise ones it runs on convmem's
+kernel. It round-trips through `to_dict`/`from_dict` (JSON-safe) and
 `convmem.apply_(model, plan)` puts it on a fresh instance of the same model, so a plan made once, on
 a profiling machine, is used in a training script.
 
@@ -27,6 +28,7 @@ from ..nn.checkpointed import Checkpointed
 from ..nn.compact_pool import CompactMaxPool1d, compact_pool_reason
 from ..nn.conv_as_2d import Conv1dAs2d, conv_as_2d_reason
 from ..nn.conv_phases import Conv1dByPhases, conv_by_phases_reason
+from ..nn.fused_depthwise import FusedDepthwiseConv1d, fusable_reason
 from ..nn.eager_island import EagerIsland
 from ..nn.saved_precision import LowPrecisionSaved
 from ..nn.tiled import Tiled
@@ -95,6 +97,8 @@ class Plan:
     convs_2d: List[str] = dataclasses.field(default_factory=list)
     # dilated Conv1ds computed by phases, where that measured faster: NOTE [Convs by phases in plans]
     convs_by_phases: List[str] = dataclasses.field(default_factory=list)
+    # depthwise Conv1ds on convmem's Triton kernel, where that measured faster: the same NOTE
+    convs_depthwise: List[str] = dataclasses.field(default_factory=list)
     # made for compiled training: chunked blocks compile on their own in their islands (NOTE [Compiled chunks])
     compiled: bool = False
 
@@ -123,6 +127,9 @@ class Plan:
             lines.append(f"  max-pools keeping int8 window offsets instead of their input and int64 indices: {shown}")
         if self.convs_by_phases:
             lines.append(f"  {len(self.convs_by_phases)} dilated Conv1d computed by phases, as undilated conv2d "
+                         "(their forward and backward measured faster so)")
+        if self.convs_depthwise:
+            lines.append(f"  {len(self.convs_depthwise)} depthwise Conv1d on convmem's Triton kernel "
                          "(their forward and backward measured faster so)")
         if self.convs_2d:
             lines.append(f"  {len(self.convs_2d)} Conv1d computed as conv2d, for torch.compile's channels-last layouts "
@@ -231,7 +238,9 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
             raise ValueError(f"apply_: {plan.chain!r} has {have} items here, the plan was made for {expected}")
     for names, what, reason_of in ((plan.pools, "runs the max-pool {!r} compactly", compact_pool_reason),
                                    (plan.convs_2d, "computes the Conv1d {!r} as a conv2d", conv_as_2d_reason),
-                                   (plan.convs_by_phases, "computes the Conv1d {!r} by phases", conv_by_phases_reason)):
+                                   (plan.convs_by_phases, "computes the Conv1d {!r} by phases", conv_by_phases_reason),
+                                   (plan.convs_depthwise, "runs the Conv1d {!r} on convmem's depthwise kernel",
+                                    fusable_reason)):
         for name in names:
             try:
                 module = model.get_submodule(name)
@@ -241,10 +250,14 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
             reason = reason_of(module)
             if reason is not None:
                 raise ValueError(f"apply_: this plan {what.format(name)}; here it is {reason}")
-    both = sorted(set(plan.convs_2d) & set(plan.convs_by_phases))
-    if both:
-        raise ValueError(f"apply_: this plan computes the Conv1d {both[0]!r} both as a conv2d and by phases; "
-                         "a convolution runs one way")
+    ways = [("as a conv2d", plan.convs_2d), ("by phases", plan.convs_by_phases),
+            ("on the depthwise kernel", plan.convs_depthwise)]
+    for i, (one, names) in enumerate(ways):
+        for other, others in ways[i + 1:]:
+            both = sorted(set(names) & set(others))
+            if both:
+                raise ValueError(f"apply_: this plan computes the Conv1d {both[0]!r} both {one} and {other}; "
+                                 "a convolution runs one way")
     planned = {name for name, _ in plan.structure}
     for name, cls in structure_of(model, plan.items, plan.chain):
         if name not in planned:
@@ -319,7 +332,9 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     undo_inner = swap_modules(model, {**{name: CompactMaxPool1d(model.get_submodule(name)) for name in plan.pools},
                                       **{name: Conv1dAs2d(model.get_submodule(name)) for name in plan.convs_2d},
                                       **{name: Conv1dByPhases(model.get_submodule(name))
-                                         for name in plan.convs_by_phases}})
+                                         for name in plan.convs_by_phases},
+                                      **{name: FusedDepthwiseConv1d.from_conv1d(model.get_submodule(name))
+                                         for name in plan.convs_depthwise}})
     try:
         replacements = _item_wrappers(model, plan, inside, multi)
     except Exception:

@@ -179,7 +179,7 @@ class InfeasibleBudget(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig(ConfigDict):
     """``allow``: the options the planner may use, a subset of ("selective", "checkpoint", "tile",
-    "offload", "chunk", "fuse", "pool", "conv2d", "phases"); "keep" is always allowed."""
+    "offload", "chunk", "fuse", "pool", "conv2d", "phases", "depthwise"); "keep" is always allowed."""
 
     allow: Tuple[str, ...] = OPTIONS
     lossy: bool = False
@@ -254,7 +254,8 @@ def optimize_(
         allow: options the planner may use; "keep" always is. "pool" is not per block: it runs
             every max-pool with int8 window offsets (NOTE [Compact max-pools in plans]); nor is
             "phases": on a GPU, every dilated Conv1d whose step measured faster as an undilated
-            conv2d over its phases runs so (NOTE [Convs by phases in plans]).
+            conv2d over its phases runs so, nor "depthwise": every depthwise Conv1d whose step
+            measured faster on convmem's Triton kernel (NOTE [Convs by phases in plans]).
         lossy: also allow keeping blocks' saved activations in bfloat16 ("bf16": outputs unchanged,
             gradients rounded; NOTE [Saved tensors in low precision]). The plan then reports the
             relative gradient error it causes on the example inputs (``plan.lossy_gradient_error``,
@@ -322,9 +323,10 @@ def optimize_(
     if costs.pools and "pool" not in allowed:
         raise ValueError(f"{_STRATEGY}: these costs were taken with the model's max-pools compact (option 'pool', "
                          "NOTE [Compact max-pools in plans]); allow 'pool' or let optimize_ measure the costs again")
-    if costs.phased and "phases" not in allowed:
-        raise ValueError(f"{_STRATEGY}: these costs were taken with dilated Conv1ds by phases (option 'phases', "
-                         "NOTE [Convs by phases in plans]); allow 'phases' or let optimize_ measure the costs again")
+    for option, swapped in (("phases", costs.phased), ("depthwise", costs.depthwise)):
+        if swapped and option not in allowed:
+            raise ValueError(f"{_STRATEGY}: these costs were taken with Conv1ds swapped by option {option!r} (NOTE "
+                             f"[Convs by phases in plans]); allow {option!r} or let optimize_ measure the costs again")
     if not costs.items:
         raise ValueError(f"{_STRATEGY}: found no blocks to plan in {type(model).__name__} (NOTE [Repeated blocks]); "
                          "use convmem.checkpoint_(model, filter_fn=...) or convmem.tile_ on chosen modules instead")
@@ -352,8 +354,9 @@ def optimize_(
             eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
             pools=[] if untouched else list(costs.pools),
             convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
-                      if not any(n.startswith(t + ".") for t in tiled) and n not in costs.phased],
+                      if not any(n.startswith(t + ".") for t in tiled) and n not in costs.phased + costs.depthwise],
             convs_by_phases=list(costs.phased),  # NOTE [Convs by phases in plans]
+            convs_depthwise=list(costs.depthwise),
             compiled=compiled,  # NOTE [Compiled chunks]
         )
 
@@ -404,7 +407,7 @@ def optimize_(
     def choose_layout() -> List[str]:
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
-        candidates = sorted(n for n in convs_as_2d(model) if n not in costs.phased)
+        candidates = sorted(n for n in convs_as_2d(model) if n not in costs.phased + costs.depthwise)
         keep_all = _every_item(costs.problem(allowed, plan_length), "keep")
         if not candidates or keep_all is None:
             return []
@@ -614,7 +617,8 @@ def _layout(segments) -> Tuple:
 
 def _plan_key(plan: Plan) -> Tuple:
     """What makes two plans the same step: the blocks' options, the compact pools, the conv layouts."""
-    return _layout(plan.segments), tuple(plan.pools), tuple(plan.convs_2d), tuple(plan.convs_by_phases)
+    return (_layout(plan.segments), tuple(plan.pools), tuple(plan.convs_2d), tuple(plan.convs_by_phases),
+            tuple(plan.convs_depthwise))
 
 
 _MEASUREMENTS = ("estimated_peak_bytes", "measured_peak_bytes", "measured_step_s", "measured_compiled",
