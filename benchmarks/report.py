@@ -75,7 +75,8 @@ def _plan_text(note: str) -> str:
     plan's compact max-pools, convs as conv2d and convs by phases ('; 7 max-pools compact') follow in
     brackets."""
     fields = note.split("; ")
-    extras = [f for f in fields if f.endswith(("max-pools compact", "Conv1d as conv2d", "Conv1d by phases"))]
+    extras = [f for f in fields if f.endswith(("max-pools compact", "Conv1d as conv2d", "Conv1d by phases",
+                                                "Conv1d on the depthwise kernel"))]
     tokens = [f for f in fields if f not in extras][-1].split("+")
     groups = []
     for token in tokens:
