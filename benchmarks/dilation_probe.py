@@ -13,6 +13,10 @@ cuDNN's undilated kernels are faster than its dilated ones is what this measures
 3. a torch.profiler kernel table of one compiled step of each, to see where the time moves.
 
     python benchmarks/dilation_probe.py OUT_DIR [--models tcn,wavenet] [--repeats 7]
+    python benchmarks/dilation_probe.py OUT_DIR --skip-micro --models conformer_conv --impls as_is,depthwise
+
+``--impls depthwise`` measures the same way every depthwise Conv1d on convmem's Triton kernel
+(NOTE [Depthwise under torch.compile]).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import harness  # noqa: E402
 from strategies import Prepared  # noqa: E402
 
+import convmem  # noqa: E402
 from convmem import zoo  # noqa: E402
 
 
@@ -111,14 +116,23 @@ def kernel_table(prepared, steps: int = 2, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-def models(rows, names, repeats: int) -> None:
+def swap(model: nn.Module, impl: str) -> int:
+    """`impl`'s convolutions swapped in; how many. "depthwise": every depthwise Conv1d on convmem's
+    Triton kernel (`fuse_` without chains, pools or activations), compiled as its custom ops."""
+    if impl == "depthwise":
+        convmem.fuse_(model, activations=False, norm_act_conv=False, pools=False)
+        return sum(type(m).__name__ == "FusedDepthwiseConv1d" for m in model.modules())
+    return swap_dilated(model, 16 if impl == "phases16" else 2) if impl != "as_is" else 0
+
+
+def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rounds: int = 2) -> None:
     for name in names:
         tables = {}
-        for round_ in range(2):
+        for round_ in range(rounds):
             for mode in ("eager", "compile") if round_ == 0 else ("compile",):
-                for impl in ("as_is", "phases", "phases16"):
+                for impl in impls:
                     entry = zoo.get(name, size="default", device="cuda")
-                    swapped = swap_dilated(entry.model, 16 if impl == "phases16" else 2) if impl != "as_is" else 0
+                    swapped = swap(entry.model, impl)
                     forward = torch.compile(entry.model) if mode == "compile" else entry.model
                     prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
                                         warmup_steps=3)
@@ -142,6 +156,8 @@ def main() -> None:
     parser.add_argument("--models", default="tcn,wavenet")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-micro", action="store_true")
+    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
@@ -149,7 +165,7 @@ def main() -> None:
     try:
         if not args.skip_micro:
             micro(rows, 20)
-        models(rows, [m for m in args.models.split(",") if m], args.repeats)
+        models(rows, [m for m in args.models.split(",") if m], args.repeats, args.impls.split(","), args.rounds)
     finally:
         fields = list(base) + sorted({k for r in rows for k in r})
         with open(os.path.join(args.out_dir, "dilation_probe.csv"), "w", newline="") as f:
