@@ -602,6 +602,9 @@ def test_the_fastest_way_of_a_dilated_depthwise_conv_wins_and_applies_exactly(mo
     import warnings
 
     _phases_timed_by(monkeypatch, kernel_s=kernel_s)
+    # the kernel's reference on the CPU, not Triton's interpreter (which tests/kernels/conftest.py
+    # turns on for the whole session, and which would take minutes over a whole model)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     entry = zoo.get("convtasnet", size="small", dtype=torch.float64)
     reference = twin(entry.model)
     with warnings.catch_warnings():

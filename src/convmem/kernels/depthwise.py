@@ -63,9 +63,12 @@ channel ``o`` reads input channel ``o // multiplier``), as ``nn.Conv1d`` with ``
 # are, and the backward op is the autograd rule of the forward one (registered with
 # `register_autograd`), saving x, the weight and the bias, as the eager autograd function does.
 # Where the kernels cannot run (no Triton, the CPU without the interpreter) the ops compute the
-# reference and its gradients. On an H200 cuDNN's depthwise convolutions are the slow part of the
-# Conformer conv module (eager, 32.7 ms a step, 25.9 with the kernels: "Fused depthwise kernels"
-# in docs/BENCHMARKS.md), which compiled plans can then use (option "depthwise" of `optimize_`).
+# reference and its gradients. What it buys is the model's: on an H200 (benchmarks/dilation_probe.py
+# --impls depthwise) the Conformer conv module compiled with its 16 depthwise convs on the kernel
+# spent 14.7 ms a step in GPU kernels against 21.8 with cuDNN's, yet stepped in 35.0 ms against
+# 25.3: two Python ops per conv (launch arithmetic, 32 calls a step) cost more host time than the
+# kernels save. `optimize_` times each conv before choosing (option "depthwise", NOTE [Convs by
+# phases in plans] in plan/costs.py).
 """
 from __future__ import annotations
 
