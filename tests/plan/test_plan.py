@@ -19,6 +19,7 @@ from torch import nn
 
 import convmem
 from _compare import assert_same_step, twin
+from _stand_in import compiled_measured_by
 from convmem import zoo
 from convmem._units import format_bytes
 from convmem.nn._wrapper import wrapper_state
@@ -624,3 +625,30 @@ def test_the_fastest_way_of_a_dilated_depthwise_conv_wins_and_applies_exactly(mo
     fresh = zoo.get("convtasnet", size="small", dtype=torch.float64)
     apply_(fresh.model, Plan.from_json(plan.to_json()))
     assert wrapper_state(fresh.model) == kinds
+
+
+@pytest.mark.parametrize("faster_compiled", [True, False])
+def test_compiled_plans_keep_the_swapped_convs_only_where_the_compiled_step_is_faster(monkeypatch, faster_compiled):
+    # NOTE [Convs by phases in plans]: the eager timing proposes, the untouched model compiled with
+    # and without the swaps decides (a stand-in GPU: with them the step "measures" 0.8 s or 1.2 s)
+    _phases_timed_by(monkeypatch)
+    judged = []
+
+    def fake(plan):
+        judged.append(list(plan.convs_by_phases))
+        with_them = 0.8 if faster_compiled else 1.2
+        plan.measured_peak_bytes = plan.estimated_peak_bytes
+        plan.measured_step_s = with_them if plan.convs_by_phases else 1.0
+
+    compiled_measured_by(monkeypatch, fake)
+    entry = small("tcn")
+    reference = twin(entry.model)
+    untouched = convmem.profile(entry.model, *entry.inputs, loss_fn=entry.loss_fn).peak_bytes
+    plan = optimize_(entry.model, *entry.inputs, budget=int(untouched * 0.6), loss_fn=entry.loss_fn,
+                     allow=("selective", "checkpoint", "phases"), measure=True, compiled=True)
+    expected = [f"blocks.{i}.dilated" for i in range(2, 8)]
+    assert plan.costs.phased == expected  # proposed by the eager timing either way
+    assert judged[:2] == [expected, []]  # the untouched model compiled, with them and without
+    assert plan.convs_by_phases == (expected if faster_compiled else [])
+    assert all(p == (expected if faster_compiled else []) for p in judged[2:])  # every plan judged after
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=1)

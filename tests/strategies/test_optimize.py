@@ -20,6 +20,7 @@ from torch import nn
 
 import convmem
 from _compare import assert_same_step, twin
+from _stand_in import compiled_measured_by as _compiled_measured_by
 from convmem import zoo
 from convmem._units import format_bytes
 from convmem.nn import Conv1dAs2d
@@ -213,22 +214,6 @@ def _planned_at(share: float):
     eager = optimize_(copy.deepcopy(entry.model), *entry.inputs, budget=share, loss_fn=entry.loss_fn, allow=EXACT,
                       measure=False)
     return entry, eager
-
-
-def _compiled_measured_by(monkeypatch, fake) -> None:
-    """optimize_ on a stand-in GPU whose compiled step `fake(plan)` measures (no eager measurement)."""
-    from convmem.strategies import optimize as module
-
-    def measure_compiled(model, inputs, loss_fn, autocast, plan, say, mode=None):
-        fake(plan)
-        plan.measured_compiled, plan.measured_compile_mode = True, mode
-
-    def no_eager(*args):
-        raise AssertionError("a compiled plan must not be judged by the eager step")
-
-    monkeypatch.setattr(module, "_on_cuda", lambda model, inputs: True)
-    monkeypatch.setattr(module, "_measure_compiled", measure_compiled)
-    monkeypatch.setattr(module, "_measure", no_eager)
 
 
 def test_compiled_plans_are_judged_by_the_compiled_step(monkeypatch):

@@ -55,7 +55,10 @@
 # torch.compile] in kernels/depthwise.py); a dilated depthwise conv takes the fastest of the three
 # ways. The timing is eager, one convolution alone: on an H200 the Conformer conv module's k=31
 # convs measured 1.00 ms with cuDNN and 1.04 on the kernel (not chosen), while the whole compiled
-# step spent 7 ms less in GPU kernels with all of them on it and took 10 ms more host time.
+# step spent 7 ms less in GPU kernels with all of them on it and took 10 ms more host time. So
+# for compiled plans the eager timing only proposes: `optimize_` judges the untouched model
+# compiled with the swapped convolutions and without them (two more compilations) and plans with
+# them only when they measured faster (the costs stay as taken).
 #
 # NOTE [Modules beside the blocks]
 # The blocks (NOTE [Repeated blocks]) are what a user would checkpoint by hand, and what the

@@ -340,6 +340,7 @@ def optimize_(
     measuring = here and measure is not False and _on_cuda(model, inputs)
 
     layout: List[str] = []  # NOTE [Conv layouts in compiled plans]: the Conv1ds computed as conv2d
+    swapped = {"phases": list(costs.phased), "depthwise": list(costs.depthwise)}  # NOTE [Convs by phases in plans]
 
     def make(solution, convs_2d: Optional[List[str]] = None) -> Plan:
         # NOTE [Compact max-pools in plans]: a budget the untouched model meets leaves it untouched
@@ -354,9 +355,10 @@ def optimize_(
             eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
             pools=[] if untouched else list(costs.pools),
             convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
-                      if not any(n.startswith(t + ".") for t in tiled) and n not in costs.phased + costs.depthwise],
-            convs_by_phases=list(costs.phased),  # NOTE [Convs by phases in plans]
-            convs_depthwise=list(costs.depthwise),
+                      if not any(n.startswith(t + ".") for t in tiled)
+                      and n not in swapped["phases"] + swapped["depthwise"]],
+            convs_by_phases=list(swapped["phases"]),  # NOTE [Convs by phases in plans]
+            convs_depthwise=list(swapped["depthwise"]),
             compiled=compiled,  # NOTE [Compiled chunks]
         )
 
@@ -404,30 +406,57 @@ def optimize_(
             plan.lossy_gradient_error = step_gradient_error(reference, model, inputs, loss_fn, autocast)
         return plan
 
+    untouched_judged = {}  # _plan_key -> (peak, step): the untouched model compiled, one way or another
+
+    def judge_untouched(convs_2d: List[str], what: str) -> Optional[Tuple[int, float]]:
+        """The measured peak and step of every block kept, compiled with `convs_2d` as conv2d and
+        the convolutions swapped as `swapped` says; None where it runs out of GPU memory."""
+        plan = make(_every_item(costs.problem(allowed, plan_length), "keep"), convs_2d)
+        key = _plan_key(plan)
+        if key not in untouched_judged:
+            say(f"judging the untouched model compiled {what}")
+            try:
+                untouched_judged[key] = (judged(plan), plan.measured_step_s)
+            except torch.cuda.OutOfMemoryError:
+                return None
+            finally:
+                restore_(model)
+        return untouched_judged[key]
+
+    def judge_swapped_convs() -> None:
+        """NOTE [Convs by phases in plans]: under torch.compile the convolutions swapped for their
+        eager speed stay only when the untouched model's compiled step measures faster with them."""
+        chosen = dict(swapped)
+        with_them = judge_untouched([], "with its faster convolutions")
+        swapped.update(phases=[], depthwise=[])
+        without = judge_untouched([], "with its convolutions as they are")
+        if with_them is None or without is None or with_them[1] >= without[1]:
+            say("planning with the convolutions as they are" + (
+                f" ({with_them[1] * 1e3:.1f} ms with the faster ones, {without[1] * 1e3:.1f} without)"
+                if with_them is not None and without is not None else ""))
+            return
+        swapped.update(chosen)
+        say(f"planning with the faster convolutions: {with_them[1] * 1e3:.1f} ms against {without[1] * 1e3:.1f}")
+
     def choose_layout() -> List[str]:
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
-        candidates = sorted(n for n in convs_as_2d(model) if n not in costs.phased + costs.depthwise)
-        keep_all = _every_item(costs.problem(allowed, plan_length), "keep")
-        if not candidates or keep_all is None:
+        candidates = sorted(n for n in convs_as_2d(model) if n not in swapped["phases"] + swapped["depthwise"])
+        if not candidates or _every_item(costs.problem(allowed, plan_length), "keep") is None:
             return []
-        measured = []
-        for convs in ([], candidates):
-            say(f"judging the untouched model compiled with {'its Conv1ds as conv2d' if convs else 'its Conv1ds'}")
-            plan = make(keep_all, convs)
-            try:
-                peak = judged(plan)
-            except torch.cuda.OutOfMemoryError:
-                return []
-            finally:
-                restore_(model)
-            measured.append((peak, plan.measured_step_s))
+        measured = [judge_untouched(convs, "with its Conv1ds as conv2d" if convs else "with its Conv1ds")
+                    for convs in ([], candidates)]
+        if None in measured:
+            return []
         (peak_1d, step_1d), (peak_2d, step_2d) = measured
         better = peak_2d <= peak_1d and step_2d <= step_1d and (peak_2d < peak_1d or step_2d < step_1d)
         say(f"Conv1ds as conv2d: {format_bytes(peak_2d)} at {step_2d * 1e3:.1f} ms against {format_bytes(peak_1d)} "
             f"at {step_1d * 1e3:.1f} ms; " + ("planning with them" if better else "planning without them"))
         return candidates if better else []
 
+    if compiled and measuring and (swapped["phases"] or swapped["depthwise"]) and _every_item(
+            costs.problem(allowed, plan_length), "keep") is not None:
+        judge_swapped_convs()
     if compiled and measuring and "conv2d" in allowed:
         layout = choose_layout()
 
