@@ -145,3 +145,22 @@ def test_depthwise_separable_fused_is_exact_with_the_same_keys(padding):
 def test_depthwise_separable_fused_needs_zero_padding():
     with pytest.raises(ValueError, match="zeros"):
         DepthwiseSeparableConv1d(3, 5, 5, padding=2, padding_mode="reflect", fused=True)
+
+
+def test_compiles_in_one_graph_and_traces_plainly():
+    # NOTE [Depthwise under torch.compile]: the module compiles without a graph break (its kernel as
+    # custom ops); a length trace (NOTE [The trace is not part of the step]) sees the plain conv
+    from convmem import receptive_field
+
+    torch._dynamo.reset()
+    conv = nn.Conv1d(4, 4, 5, padding=4, dilation=2, groups=4).double()
+    fused = FusedDepthwiseConv1d.from_conv1d(conv, "silu")
+    x = _x().requires_grad_()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    out, expected = compiled(x), torch.nn.functional.silu(conv(x))
+    assert relative_error(out, expected, floor=1e-12) < 1e-12
+    (grad,) = torch.autograd.grad(out.square().sum(), [conv.weight])
+    (want,) = torch.autograd.grad(expected.square().sum(), [conv.weight])
+    assert relative_error(grad, want, floor=1e-12) < 1e-12
+    found, plain = receptive_field(fused, _x()), receptive_field(conv, _x())
+    assert found.local and (found.left, found.right, found.stride) == (plain.left, plain.right, plain.stride) == (4, 4, 1)
