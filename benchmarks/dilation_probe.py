@@ -16,7 +16,8 @@ cuDNN's undilated kernels are faster than its dilated ones is what this measures
     python benchmarks/dilation_probe.py OUT_DIR --skip-micro --models conformer_conv --impls as_is,depthwise
 
 ``--impls depthwise`` measures the same way every depthwise Conv1d on convmem's Triton kernel
-(NOTE [Depthwise under torch.compile]).
+(NOTE [Depthwise under torch.compile]); ``--compile-mode reduce-overhead`` compiles with CUDA graphs,
+where the kernel's host time would not count (the Conformer lead, docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def swap(model: nn.Module, impl: str) -> int:
     return swap_dilated(model, 16 if impl == "phases16" else 2) if impl != "as_is" else 0
 
 
-def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rounds: int = 2) -> None:
+def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rounds: int = 2,
+           compile_mode=None) -> None:
     for name in names:
         tables = {}
         for round_ in range(rounds):
@@ -133,13 +135,14 @@ def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rou
                 for impl in impls:
                     entry = zoo.get(name, size="default", device="cuda")
                     swapped = swap(entry.model, impl)
-                    forward = torch.compile(entry.model) if mode == "compile" else entry.model
+                    forward = torch.compile(entry.model, mode=compile_mode) if mode == "compile" else entry.model
                     prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
                                         warmup_steps=3)
                     result = harness.measure_strategy(entry, prepared, repeats, torch.device("cuda"))
                     if round_ == 0 and mode == "compile":
                         tables[impl] = kernel_table(prepared)
-                    row = dict(section="model", model=name, impl=impl, mode=mode, round=round_, swapped=swapped,
+                    row = dict(section="model", model=name, impl=impl, round=round_, swapped=swapped,
+                               mode=mode + (f" {compile_mode}" if mode == "compile" and compile_mode else ""),
                                peak_gib=round(result["peak_bytes"] / 2**30, 4), ms=round(result["step_ms"], 3),
                                ms_min=round(result["step_ms_min"], 3), ms_max=round(result["step_ms_max"], 3))
                     rows.append(row)
@@ -158,6 +161,8 @@ def main() -> None:
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile-mode", choices=("reduce-overhead",),
+                        help="compiled rows in this mode (CUDA graphs: their pool counts in the peak)")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
@@ -165,7 +170,8 @@ def main() -> None:
     try:
         if not args.skip_micro:
             micro(rows, 20)
-        models(rows, [m for m in args.models.split(",") if m], args.repeats, args.impls.split(","), args.rounds)
+        models(rows, [m for m in args.models.split(",") if m], args.repeats, args.impls.split(","), args.rounds,
+               args.compile_mode)
     finally:
         fields = list(base) + sorted({k for r in rows for k in r})
         with open(os.path.join(args.out_dir, "dilation_probe.csv"), "w", newline="") as f:
