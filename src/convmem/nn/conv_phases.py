@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis import trace as _trace
+from ..kernels.depthwise import resolve_padding
 from ._wrapper import ModuleWrapper, swappable
 
 __all__ = ["Conv1dByPhases", "conv_by_phases", "conv_by_phases_reason", "convs_by_phases"]
@@ -42,12 +43,7 @@ __all__ = ["Conv1dByPhases", "conv_by_phases", "conv_by_phases_reason", "convs_b
 
 def _paddings(conv: nn.Conv1d) -> Tuple[int, int]:
     """Zeros the convolution adds (left, right), as PyTorch pads it."""
-    if conv.padding == "valid":
-        return 0, 0
-    if conv.padding == "same":
-        total = conv.dilation[0] * (conv.kernel_size[0] - 1)
-        return total // 2, total - total // 2
-    return conv.padding[0], conv.padding[0]
+    return resolve_padding(conv.padding, conv.kernel_size[0], conv.dilation[0], conv.stride[0])
 
 
 def conv_by_phases_reason(module: nn.Module) -> Optional[str]:
