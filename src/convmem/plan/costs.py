@@ -102,7 +102,7 @@ from ..nn.tiled import Tiled
 from ..profile.estimate import estimate_step, meta_clone, to_meta
 from ..profile.measure import preserved
 from ..profile.recorder import ModuleCall, inclusive_kept
-from ..profile.step import LossFn
+from ..profile.step import LossFn, model_device
 from ..strategies._blocks import find_blocks, find_chain, is_plain_sequential
 from ..strategies._common import swap_modules
 from ..strategies.fuse import chain_wrappers
@@ -453,13 +453,8 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     return costs
 
 
-def _device_of(model: nn.Module, inputs: Sequence[Any]) -> Optional[torch.device]:
-    return next((t.device for t in list(model.parameters()) + [x for x in inputs if isinstance(x, torch.Tensor)]), None)
-
-
 def _on_cuda(model: nn.Module, inputs: Sequence[Any]) -> bool:
-    device = _device_of(model, inputs)
-    return device is not None and device.type == "cuda"
+    return model_device(model, inputs).type == "cuda"
 
 
 # The convolutions `faster_convs` may swap, each a way of computing the same sums: its option name,
@@ -469,7 +464,7 @@ def _by_phases(conv: nn.Module, device: torch.device) -> Optional[nn.Module]:
 
 
 def _on_the_kernel(conv: nn.Module, device: torch.device) -> Optional[nn.Module]:
-    usable = type(conv) is nn.Conv1d and fusable_reason(conv) is None and kernels_usable(device)
+    usable = fusable_reason(conv) is None and kernels_usable(device)
     return FusedDepthwiseConv1d.from_conv1d(conv) if usable else None
 
 
@@ -485,7 +480,7 @@ def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[tor
     `inputs`, as it is and each way it can run; it takes the fastest way where that is at least 3%
     faster than as it is."""
     ways = {option: (words, wrap) for option, words, wrap in _FASTER if option in allow}
-    device = _device_of(model, inputs)
+    device = model_device(model, inputs)
     candidates = {name: m for name, m in model.named_modules() if type(m) is nn.Conv1d
                   and any(wrap(m, device) is not None for _, wrap in ways.values())}
     chosen: Dict[str, Dict[str, nn.Module]] = {option: {} for option in ways}
@@ -516,8 +511,9 @@ def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[tor
             alone = copy.deepcopy(conv)
             x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
             plain = step_seconds(alone, [x], repeats=5, warmup=2, autocast=autocast)
-            times = {option: step_seconds(wrap(alone, device), [x], repeats=5, warmup=2, autocast=autocast)
-                     for option, (_, wrap) in ways.items() if wrap(alone, device) is not None}
+            wrapped = {option: wrap(alone, device) for option, (_, wrap) in ways.items()}
+            times = {option: step_seconds(way, [x], repeats=5, warmup=2, autocast=autocast)
+                     for option, way in wrapped.items() if way is not None}
             best = min(times, key=times.get)
             fastest[key] = best if times[best] <= _FASTER_SHARE * plain else None
             say(f"{name} (dilation {conv.dilation[0]}, groups {conv.groups}): {plain * 1e3:.2f} ms as it is, "
