@@ -250,14 +250,14 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
             reason = reason_of(module)
             if reason is not None:
                 raise ValueError(f"apply_: this plan {what.format(name)}; here it is {reason}")
-    ways = [("as a conv2d", plan.convs_2d), ("by phases", plan.convs_by_phases),
-            ("on the depthwise kernel", plan.convs_depthwise)]
-    for i, (one, names) in enumerate(ways):
-        for other, others in ways[i + 1:]:
-            both = sorted(set(names) & set(others))
-            if both:
-                raise ValueError(f"apply_: this plan computes the Conv1d {both[0]!r} both {one} and {other}; "
+    way_of: Dict[str, str] = {}
+    for way, names in (("as a conv2d", plan.convs_2d), ("by phases", plan.convs_by_phases),
+                       ("on the depthwise kernel", plan.convs_depthwise)):
+        for name in names:
+            if name in way_of:
+                raise ValueError(f"apply_: this plan computes the Conv1d {name!r} both {way_of[name]} and {way}; "
                                  "a convolution runs one way")
+            way_of[name] = way
     planned = {name for name, _ in plan.structure}
     for name, cls in structure_of(model, plan.items, plan.chain):
         if name not in planned:
