@@ -12,6 +12,10 @@ cuDNN's undilated kernels are faster than its dilated ones is what this measures
    in alternating order (A B A B) so that the spread between two rows of one version shows;
 3. a torch.profiler kernel table of one compiled step of each, to see where the time moves.
 
+Versions are convmem's own (`conv_by_phases`, `Conv1dByPhases`); the rows of commits 4705c3d,
+eea4805 and 0c67d79 came from an in-script prototype of the same view and conv2d (it ran the Conv1d
+where the dilation did not divide the length, which no zoo length here is).
+
     python benchmarks/dilation_probe.py OUT_DIR [--models tcn,wavenet] [--repeats 7]
     python benchmarks/dilation_probe.py OUT_DIR --skip-micro --models conformer_conv --impls as_is,depthwise
 
@@ -36,41 +40,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import harness  # noqa: E402
+from kernel_profile import kernel_times  # noqa: E402
 from strategies import Prepared  # noqa: E402
 
 import convmem  # noqa: E402
 from convmem import zoo  # noqa: E402
-
-
-def phase_conv(x, weight, bias, dilation: int, padding: int, groups: int = 1):
-    batch, channels, length = x.shape
-    out = F.conv2d(x.view(batch, channels, length // dilation, dilation), weight.unsqueeze(-1), bias, 1,
-                   (padding // dilation, 0), 1, groups)
-    return out.reshape(batch, out.shape[1], -1)
-
-
-class PhaseConv(nn.Module):
-    def __init__(self, conv: nn.Conv1d):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x):
-        c = self.conv
-        d, p = c.dilation[0], c.padding[0]
-        if x.shape[-1] % d or p % d:
-            return c(x)
-        return phase_conv(x, c.weight, c.bias, d, p, c.groups)
+from convmem.nn.conv_phases import conv_by_phases, convs_by_phases  # noqa: E402
+from convmem.strategies._common import swap_modules  # noqa: E402
 
 
 def swap_dilated(model: nn.Module, least: int = 2) -> int:
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Conv1d and child.dilation[0] >= least and child.stride[0] == 1 \
-                    and isinstance(child.padding, tuple) and child.padding_mode == "zeros":
-                setattr(module, child_name, PhaseConv(child))
-                swapped += 1
-    return swapped
+    """Every Conv1d of dilation `least` or more that can run by phases swapped for `Conv1dByPhases`; how many."""
+    swaps = {name: wrapper for name, wrapper in convs_by_phases(model).items() if wrapper.wrapped.dilation[0] >= least}
+    swap_modules(model, swaps)
+    return len(swaps)
 
 
 def micro(rows, repeats: int) -> None:
@@ -87,11 +70,11 @@ def micro(rows, repeats: int) -> None:
             ref = F.conv1d(x.double(), w.double(), b.double(), 1, p, d)
             for impl in ("conv1d", "phases"):
                 def step():
-                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else phase_conv(x, w, b, d, p)
+                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else conv_by_phases(x, w, b, d, p)
                     y.backward(g)
                     return y
                 with torch.no_grad():
-                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else phase_conv(x, w, b, d, p)
+                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else conv_by_phases(x, w, b, d, p)
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 for _ in range(3):
                     step()
@@ -104,14 +87,8 @@ def micro(rows, repeats: int) -> None:
 
 
 def kernel_table(prepared, steps: int = 2, top: int = 12) -> str:
-    totals = collections.Counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            prepared.step()
-        torch.cuda.synchronize()
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.key] += event.device_time_total / 1e3 / steps
+    """The step's GPU kernels by time (benchmarks/kernel_profile.py), as text."""
+    totals = collections.Counter({name: us / 1e3 for name, us in kernel_times(prepared, steps).items()})
     lines = [f"  total {sum(totals.values()):8.2f} ms per step"]
     lines += [f"  {ms:8.2f} ms  {name[:110]}" for name, ms in totals.most_common(top)]
     return "\n".join(lines)
