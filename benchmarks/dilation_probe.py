@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import harness  # noqa: E402
-from kernel_profile import kernel_times  # noqa: E402
+from kernel_profile import host_table, kernel_times  # noqa: E402
 from strategies import Prepared  # noqa: E402
 
 import convmem  # noqa: E402
@@ -104,7 +104,7 @@ def swap(model: nn.Module, impl: str) -> int:
 
 
 def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rounds: int = 2,
-           compile_mode=None) -> None:
+           compile_mode=None, host: bool = False) -> None:
     for name in names:
         tables = {}
         for round_ in range(rounds):
@@ -112,16 +112,23 @@ def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rou
                 for impl in impls:
                     entry = zoo.get(name, size="default", device="cuda")
                     swapped = swap(entry.model, impl)
+                    torch._dynamo.utils.counters.clear()
                     forward = torch.compile(entry.model, mode=compile_mode) if mode == "compile" else entry.model
                     prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
                                         warmup_steps=3)
                     result = harness.measure_strategy(entry, prepared, repeats, torch.device("cuda"))
                     if round_ == 0 and mode == "compile":
                         tables[impl] = kernel_table(prepared)
+                        if host:
+                            tables[impl] += "\n" + host_table(prepared, steps=2, top=20)
                     row = dict(section="model", model=name, impl=impl, round=round_, swapped=swapped,
                                mode=mode + (f" {compile_mode}" if mode == "compile" and compile_mode else ""),
                                peak_gib=round(result["peak_bytes"] / 2**30, 4), ms=round(result["step_ms"], 3),
                                ms_min=round(result["step_ms_min"], 3), ms_max=round(result["step_ms_max"], 3))
+                    if mode == "compile":  # a graph break would explain a slow compiled step
+                        counters = torch._dynamo.utils.counters
+                        row.update(graphs=counters["stats"]["unique_graphs"],
+                                   graph_breaks=sum(counters["graph_break"].values()))
                     rows.append(row)
                     print(row, flush=True)
                     del entry, prepared, forward
@@ -140,6 +147,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile-mode", choices=("reduce-overhead",),
                         help="compiled rows in this mode (CUDA graphs: their pool counts in the peak)")
+    parser.add_argument("--host", action="store_true",
+                        help="with each compiled kernel table, the ops taking the step's host time")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
@@ -148,7 +157,7 @@ def main() -> None:
         if not args.skip_micro:
             micro(rows, 20)
         models(rows, [m for m in args.models.split(",") if m], args.repeats, args.impls.split(","), args.rounds,
-               args.compile_mode)
+               args.compile_mode, args.host)
     finally:
         fields = list(base) + sorted({k for r in rows for k in r})
         with open(os.path.join(args.out_dir, "dilation_probe.csv"), "w", newline="") as f:

@@ -43,6 +43,19 @@ def kernel_times(prepared, steps: int) -> Dict[str, float]:
     return dict(times)
 
 
+def host_table(prepared, steps: int, top: int) -> str:
+    """The ops that take a step's host (CPU) time, by self time per step, as torch.profiler's table:
+    where a step the GPU waits for spends it (a compiled step's custom ops, say)."""
+    for _ in range(getattr(prepared, "warmup_steps", 1)):
+        prepared.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            prepared.step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("bench", choices=sorted(BENCHES))
