@@ -18,6 +18,8 @@ Sections (rows in DIR/kernels.csv, one table line printed per measurement):
   what any implementation must move -- forward reads x and writes y, backward reads x and
   grad_y and writes grad_x (the weights are negligible) -- and its fraction of the copy bandwidth;
   and the relative difference of the fused outputs and gradients from PyTorch's.
+* ``host``: the host time of one small depthwise conv's forward and backward, PyTorch's against the
+  fused kernels', and a cProfile of the fused calls (where a launch-bound step spends it).
 * ``zoo``: conformer_conv and convtasnet at their default input, eager against the same model
   after ``convmem.fuse_``, float32 and bf16 autocast: training step time and peak memory, measured
   the one way (benchmarks/harness.py: warm-up, reset the peak, one step; median of CUDA-event
@@ -261,6 +263,42 @@ def zoo_rows(base, repeats: int, out_csv: str):
             torch.cuda.empty_cache()
 
 
+def host_rows(base, out_csv: str, calls: int = 300) -> None:
+    """Host microseconds of one forward + backward: a tensor so small that the GPU waits for the
+    host, so that the wall clock of `calls` of them (synchronized once, at the end) is host time;
+    then a cProfile of the fused one's calls, by own time, to show where that time goes."""
+    import cProfile
+    import pstats
+
+    x = torch.randn(1, 256, 256, device=DEVICE, requires_grad=True)
+    w = torch.randn(256, 1, 31, device=DEVICE, requires_grad=True)
+    b = torch.randn(256, device=DEVICE, requires_grad=True)
+    impls = {"pytorch": lambda: F.conv1d(x, w, b, padding=15, groups=256),
+             "fused": lambda: depthwise_conv1d(x, w, b, padding=15)}
+
+    def steps(fn, n):
+        for _ in range(n):
+            fn().sum().backward()
+
+    for impl, fn in impls.items():
+        steps(fn, 10)
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        steps(fn, calls)
+        torch.cuda.synchronize()
+        us = (time.perf_counter() - began) / calls * 1e6
+        print(f"[host] {impl}: {us:.1f} us of host time per forward + backward (with .sum())", flush=True)
+        _append(out_csv, dict(base, section="host", impl=impl, dtype="fp32", channels=256, kernel=31, length=256,
+                              batch=1, status="ok", ms=round(us / 1e3, 4), repeats=calls,
+                              note="host time per forward+backward, wall clock / calls"))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    steps(impls["fused"], 100)
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
 def _append(path: str, row: dict) -> None:
     harness._append(path, row, FIELDS)
 
@@ -268,7 +306,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")),
                    help="folder for kernels.csv (default $OUT, else benchmarks/results)")
-    p.add_argument("--sections", default="copy,zoo,kernel", help="any of copy,zoo,kernel,tune")
+    p.add_argument("--sections", default="copy,zoo,kernel", help="any of copy,zoo,kernel,tune,host")
     p.add_argument("--quick", action="store_true", help="three sizes only")
     p.add_argument("--budget-s", type=float, default=200.0, help="stop starting kernel rows after this many seconds")
     p.add_argument("--zoo-repeats", type=int, default=10)
@@ -293,6 +331,8 @@ def main(argv=None) -> int:
         kernel_rows(base, copy_bps, args.quick, args.budget_s, out_csv)
     if "tune" in sections:
         tune_rows(base, copy_bps, out_csv)
+    if "host" in sections:
+        host_rows(base, out_csv)
     print(f"[done] rows in {out_csv}", flush=True)
     return 0
 
