@@ -504,11 +504,13 @@ def _backward(x, weight, bias, grad_out, stride, left, right, dilation, activati
             K=kernel_size, HAS_BIAS=bias is not None, ACT=act, STORE_GP=store_gp, ACC=acc, ROUND_BF16=round_bf16,
             BLOCK_K=block_k, BLOCK_L=block_l, num_warps=warps,
         )
+        # rows are batch-major: the partial sums of one channel are every (chunk, batch) pair, one
+        # reduction (each op here is host time a launch-bound step pays)
         if need_w:
-            grad_w = dw.sum(0).reshape(batch, out_channels, kernel_size).sum(0)
-            grad_w = grad_w.to(weight.dtype).reshape(weight.shape)
+            grad_w = dw.view(chunks * batch, out_channels, kernel_size).sum(0)
+            grad_w = grad_w.to(weight.dtype).view(weight.shape)
         if need_b:
-            grad_b = db.sum(0).reshape(batch, out_channels).sum(0).to(bias.dtype)
+            grad_b = db.view(chunks * batch, out_channels).sum(0).to(bias.dtype)
     if need_x:
         grad_x = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
         block_l = _block_l(length)

@@ -477,8 +477,8 @@ def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[tor
     faster so (NOTE [Convs by phases in plans]): ``{option: {name: wrapper}}``, nothing swapped.
 
     Each convolution's forward and backward is timed at the input it sees in one forward of
-    `inputs`, as it is and each way it can run; it takes the fastest way where that is at least 3%
-    faster than as it is."""
+    `inputs`, as it is and each way it can run, by the GPU's time alone (NOTE [GPU time alone] in
+    plan/timing.py); it takes the fastest way where that is at least 3% faster than as it is."""
     ways = {option: (words, wrap) for option, words, wrap in _FASTER if option in allow}
     device = model_device(model, inputs)
     candidates = {name: m for name, m in model.named_modules() if type(m) is nn.Conv1d
@@ -510,9 +510,9 @@ def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[tor
         if key not in fastest:
             alone = copy.deepcopy(conv)
             x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-            plain = step_seconds(alone, [x], repeats=5, warmup=2, autocast=autocast)
+            plain = step_seconds(alone, [x], repeats=5, warmup=2, autocast=autocast, gpu_only=True)
             wrapped = {option: wrap(alone, device) for option, (_, wrap) in ways.items()}
-            times = {option: step_seconds(way, [x], repeats=5, warmup=2, autocast=autocast)
+            times = {option: step_seconds(way, [x], repeats=5, warmup=2, autocast=autocast, gpu_only=True)
                      for option, way in wrapped.items() if way is not None}
             best = min(times, key=times.get)
             fastest[key] = best if times[best] <= _FASTER_SHARE * plain else None
