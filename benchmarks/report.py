@@ -160,7 +160,10 @@ def comparable(anchor: str, regime: str) -> bool:
 
 def matched_table() -> str:
     """Must-show 2, asked directly: at 99% of each anchor's memory, in its regime, is convmem faster?"""
-    rows = read("optimize", statuses=None)
+    # the newest measured row of each plan; a failed one only where none measured (a later attempt
+    # that timed out does not hide the run that measured it)
+    measured = {(r["model"], r["strategy"]): r for r in read("optimize", statuses=("ok", "over"))}
+    rows = [measured.get((r["model"], r["strategy"]), r) for r in read("optimize", statuses=None)]
     anchors = {(r["model"], r.get("run"), r["strategy"]): r for r in rows_of_every_run("optimize")
                if r["strategy"] in ANCHOR_NAMES}
     lines = ["| model | anchor | anchor GiB | anchor ms | convmem plan (regime) | GiB | ms | faster at less memory |",

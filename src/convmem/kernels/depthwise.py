@@ -66,9 +66,11 @@ channel ``o`` reads input channel ``o // multiplier``), as ``nn.Conv1d`` with ``
 # reference and its gradients. What it buys is the model's: on an H200 (benchmarks/dilation_probe.py
 # --impls depthwise) the Conformer conv module compiled with its 16 depthwise convs on the kernel
 # spent 14.7 ms a step in GPU kernels against 21.8 with cuDNN's, yet stepped in 35.0 ms against
-# 25.3: two Python ops per conv (launch arithmetic, 32 calls a step) cost more host time than the
-# kernels save. `optimize_` times each conv before choosing (option "depthwise", NOTE [Convs by
-# phases in plans] in plan/costs.py).
+# 25.3: the host time of a forward and backward here is about three times PyTorch's (746 against
+# 221 us on that machine, benchmarks/kernels.py --sections host: three Triton launches and their
+# reductions), and that step is host-bound. Under CUDA graphs (mode="reduce-overhead") the host
+# time is gone: 16.4 ms against 24.0. `optimize_` decides per model (option "depthwise", NOTE
+# [Convs by phases in plans] in plan/costs.py).
 """
 from __future__ import annotations
 

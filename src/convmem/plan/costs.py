@@ -53,12 +53,16 @@
 # Option "depthwise" is decided the same way, per depthwise Conv1d, between cuDNN and convmem's
 # Triton kernel (`FusedDepthwiseConv1d`, its activation left outside: NOTE [Depthwise under
 # torch.compile] in kernels/depthwise.py); a dilated depthwise conv takes the fastest of the three
-# ways. The timing is eager, one convolution alone: on an H200 the Conformer conv module's k=31
-# convs measured 1.00 ms with cuDNN and 1.04 on the kernel (not chosen), while the whole compiled
-# step spent 7 ms less in GPU kernels with all of them on it and took 10 ms more host time. So
-# for compiled plans the eager timing only proposes: `optimize_` judges the untouched model
-# compiled with the swapped convolutions and without them (two more compilations) and plans with
-# them only when they measured faster (the costs stay as taken).
+# ways. The timing is eager, one convolution alone, by the GPU's time alone (NOTE [GPU time alone]
+# in plan/timing.py): timed as a loop sees it, one conv's step is its host time, and the Conformer
+# conv module's k=31 convs measured 1.00 ms with PyTorch and 1.04 on the kernel (not chosen); by
+# GPU time 0.87 against 0.43 (H200). In a model that host time hides behind other kernels or, under
+# CUDA graphs, is gone -- or, in a compiled step that is host-bound, is what the step costs: the
+# Conformer stack compiled in default mode took 29.8 ms with its convs on the kernel against 23.9.
+# So for compiled plans the timing only proposes: `optimize_` judges the untouched model compiled
+# (in the plan's mode) with the swapped convolutions and without them (two more compilations) and
+# plans with them only when they measured faster (the costs stay as taken); under CUDA graphs the
+# Conformer stack measured 15.8 ms with them against 22.7.
 #
 # NOTE [Modules beside the blocks]
 # The blocks (NOTE [Repeated blocks]) are what a user would checkpoint by hand, and what the
