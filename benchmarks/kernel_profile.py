@@ -27,15 +27,21 @@ from run import BENCHES  # noqa: E402
 from convmem import zoo  # noqa: E402
 
 
-def kernel_times(prepared, steps: int) -> Dict[str, float]:
-    """Microseconds per step of every GPU kernel `prepared.step()` launches, by kernel name."""
+def _profiled(prepared, steps: int, activity) -> torch.profiler.profile:
+    """torch.profiler's record of `steps` steps of `prepared` after its warm-up, for `activity`."""
     for _ in range(getattr(prepared, "warmup_steps", 1)):
         prepared.step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(steps):
             prepared.step()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_times(prepared, steps: int) -> Dict[str, float]:
+    """Microseconds per step of every GPU kernel `prepared.step()` launches, by kernel name."""
+    prof = _profiled(prepared, steps, torch.profiler.ProfilerActivity.CUDA)
     times = collections.Counter()
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -46,13 +52,7 @@ def kernel_times(prepared, steps: int) -> Dict[str, float]:
 def host_table(prepared, steps: int, top: int) -> str:
     """The ops that take a step's host (CPU) time, by self time per step, as torch.profiler's table:
     where a step the GPU waits for spends it (a compiled step's custom ops, say)."""
-    for _ in range(getattr(prepared, "warmup_steps", 1)):
-        prepared.step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            prepared.step()
-        torch.cuda.synchronize()
+    prof = _profiled(prepared, steps, torch.profiler.ProfilerActivity.CPU)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
