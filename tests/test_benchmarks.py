@@ -94,6 +94,27 @@ def test_dominance_takes_each_anchor_at_its_best_over_every_bench(monkeypatch):
     assert table.endswith("Dominated: 0 of 1 anchors.")
 
 
+def test_the_matched_table_keeps_the_newest_measured_plan_over_a_later_failure(monkeypatch):
+    import plot
+    import report
+
+    anchor = dict(strategy="compile_default", step_ms="12.0", regime="fp32+compile")
+    plan = dict(strategy="convmem_at_compile_default", regime="fp32+compile")
+    rows = [_row(run="1", **anchor), _row(run="1", step_ms="11.0", peak_bytes=str(2**29), **plan),
+            _row(run="2", time="2026-01-02T00:00:00", **anchor),
+            _row(run="2", time="2026-01-02T00:00:00", status="timeout", peak_bytes="", step_ms="", **plan)]
+
+    def every_run(name, statuses=("ok",)):
+        return [r for r in rows if statuses is None or r["status"] in statuses] if name == "optimize" else []
+
+    monkeypatch.setattr(plot, "rows_of_every_run", every_run)
+    monkeypatch.setattr(report, "rows_of_every_run", every_run)
+    table = report.matched_table()
+    assert "| 0.500 | 11.0 | yes |" in table and "timeout" not in table
+    rows.pop(1)  # never measured: the failure shows
+    assert "| m | compile_default | 1.000 | 12.0 | fp32+compile: timeout | - | - | no |" in report.matched_table()
+
+
 def test_the_fused_recompute_probe_is_exact():
     # benchmarks/fused_recompute_probe.py: its measured configuration must compute what the model does.
     import fused_recompute_probe
