@@ -651,4 +651,6 @@ def test_compiled_plans_keep_the_swapped_convs_only_where_the_compiled_step_is_f
     assert judged[:2] == [expected, []]  # the untouched model compiled, with them and without
     assert plan.convs_by_phases == (expected if faster_compiled else [])
     assert all(p == (expected if faster_compiled else []) for p in judged[2:])  # every plan judged after
+    left = "6 Conv1d measured faster alone (by phases or on convmem's depthwise kernel) left as they are"
+    assert (left in plan.explain()) != faster_compiled
     assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=1)

@@ -131,6 +131,13 @@ class Plan:
         if self.convs_depthwise:
             lines.append(f"  {len(self.convs_depthwise)} depthwise Conv1d on convmem's Triton kernel "
                          "(their forward and backward measured faster so)")
+        proposed = (self.costs.phased + self.costs.depthwise) if self.costs else []
+        left = [n for n in proposed if n not in self.convs_by_phases + self.convs_depthwise]
+        if self.compiled and left:  # NOTE [Convs by phases in plans]: the compiled step decided
+            graphs = ("" if self.measured_compile_mode == "reduce-overhead" else
+                      "; under CUDA graphs (compiled='reduce-overhead') the host time would not count")
+            lines.append(f"  {len(left)} Conv1d measured faster alone (by phases or on convmem's depthwise kernel) "
+                         f"left as they are: the untouched model compiled measured no faster with them{graphs}")
         if self.convs_2d:
             lines.append(f"  {len(self.convs_2d)} Conv1d computed as conv2d, for torch.compile's channels-last layouts "
                          "(the compiled step measured faster so)")
