@@ -41,6 +41,16 @@ __all__ = ["Plan", "PlanSegment", "apply_", "structure_of", "ISLAND_OPTIONS"]
 _VERSION = 1
 ISLAND_OPTIONS = ("offload", "chunk")  # apply_ runs them as EagerIsland: NOTE [Eager islands in compiled plans]
 
+# The modules a plan swaps one by one, inside the blocks: (its field of names, what it does to one,
+# why a module cannot be so, the wrapper, the way it computes a Conv1d -- one way per Conv1d).
+_SWAPS = (
+    ("pools", "runs the max-pool {!r} compactly", compact_pool_reason, CompactMaxPool1d, None),
+    ("convs_2d", "computes the Conv1d {!r} as a conv2d", conv_as_2d_reason, Conv1dAs2d, "as a conv2d"),
+    ("convs_by_phases", "computes the Conv1d {!r} by phases", conv_by_phases_reason, Conv1dByPhases, "by phases"),
+    ("convs_depthwise", "runs the Conv1d {!r} on convmem's depthwise kernel", fusable_reason,
+     FusedDepthwiseConv1d.from_conv1d, "on the depthwise kernel"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class PlanSegment:
@@ -243,12 +253,8 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
         have = len(model.get_submodule(plan.chain))
         if have != expected:
             raise ValueError(f"apply_: {plan.chain!r} has {have} items here, the plan was made for {expected}")
-    for names, what, reason_of in ((plan.pools, "runs the max-pool {!r} compactly", compact_pool_reason),
-                                   (plan.convs_2d, "computes the Conv1d {!r} as a conv2d", conv_as_2d_reason),
-                                   (plan.convs_by_phases, "computes the Conv1d {!r} by phases", conv_by_phases_reason),
-                                   (plan.convs_depthwise, "runs the Conv1d {!r} on convmem's depthwise kernel",
-                                    fusable_reason)):
-        for name in names:
+    for field, what, reason_of, _, _ in _SWAPS:
+        for name in getattr(plan, field):
             try:
                 module = model.get_submodule(name)
             except AttributeError:
@@ -258,9 +264,8 @@ def _check_structure(model: nn.Module, plan: Plan) -> None:
             if reason is not None:
                 raise ValueError(f"apply_: this plan {what.format(name)}; here it is {reason}")
     way_of: Dict[str, str] = {}
-    for way, names in (("as a conv2d", plan.convs_2d), ("by phases", plan.convs_by_phases),
-                       ("on the depthwise kernel", plan.convs_depthwise)):
-        for name in names:
+    for field, _, _, _, way in _SWAPS:
+        for name in getattr(plan, field) if way is not None else ():
             if name in way_of:
                 raise ValueError(f"apply_: this plan computes the Conv1d {name!r} both {way_of[name]} and {way}; "
                                  "a convolution runs one way")
@@ -336,12 +341,8 @@ def apply_(model: nn.Module, plan: Plan) -> nn.Module:
     # the chain's segments; the modules beside it take theirs one by one (NOTE [Modules beside the blocks])
     inside = [seg for seg in plan.segments if first <= seg.start < last]
     # modules inside the blocks first, then the blocks' wrappers around them
-    undo_inner = swap_modules(model, {**{name: CompactMaxPool1d(model.get_submodule(name)) for name in plan.pools},
-                                      **{name: Conv1dAs2d(model.get_submodule(name)) for name in plan.convs_2d},
-                                      **{name: Conv1dByPhases(model.get_submodule(name))
-                                         for name in plan.convs_by_phases},
-                                      **{name: FusedDepthwiseConv1d.from_conv1d(model.get_submodule(name))
-                                         for name in plan.convs_depthwise}})
+    undo_inner = swap_modules(model, {name: wrap(model.get_submodule(name))
+                                      for field, _, _, wrap, _ in _SWAPS for name in getattr(plan, field)})
     try:
         replacements = _item_wrappers(model, plan, inside, multi)
     except Exception:
