@@ -162,6 +162,11 @@ def resolve_padding(padding: Padding, kernel_size: int, dilation: int, stride: i
     return p, p
 
 
+def _length_out(length: int, kernel_size: int, stride: int, left: int, right: int, dilation: int) -> int:
+    """Outputs of a convolution over `length` samples padded by (`left`, `right`) zeros."""
+    return (length + left + right - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
 def _nonnegative_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
@@ -203,7 +208,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     stride = _single_positive_int(stride, "stride")
     dilation = _single_positive_int(dilation, "dilation")
     left, right = resolve_padding(padding, kernel_size, dilation, stride)
-    length_out = (x.shape[2] + left + right - dilation * (kernel_size - 1) - 1) // stride + 1
+    length_out = _length_out(x.shape[2], kernel_size, stride, left, right, dilation)
     if length_out < 1:
         raise ValueError(f"input length {x.shape[2]} with padding ({left}, {right}) is shorter than the kernel's "
                          f"span {dilation * (kernel_size - 1) + 1}: no output")
@@ -316,7 +321,7 @@ def _depthwise_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def _(x, weight, bias, stride, left, right, dilation, activation):
     batch, _, length = x.shape
     out_channels, _, kernel_size = weight.shape
-    return x.new_empty(batch, out_channels, (length + left + right - dilation * (kernel_size - 1) - 1) // stride + 1)
+    return x.new_empty(batch, out_channels, _length_out(length, kernel_size, stride, left, right, dilation))
 
 
 @torch.library.custom_op("convmem::depthwise_conv1d_backward", mutates_args=())
@@ -437,7 +442,7 @@ def _int32_safe(t: torch.Tensor, span: int) -> torch.Tensor:
 def _forward(x, weight, bias, stride, left, right, dilation, activation):
     batch, channels, length = x.shape
     out_channels, _, kernel_size = weight.shape
-    length_out = (length + left + right - dilation * (kernel_size - 1) - 1) // stride + 1
+    length_out = _length_out(length, kernel_size, stride, left, right, dilation)
     y = torch.empty(batch, out_channels, length_out, device=x.device, dtype=x.dtype)
     if x.device.type == "meta":
         return y
