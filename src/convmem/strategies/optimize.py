@@ -407,11 +407,13 @@ def optimize_(
         return plan
 
     untouched_judged = {}  # _plan_key -> (peak, step): the untouched model compiled, one way or another
+    # every block kept, what the untouched model is judged as (compiled, measured); None where a block cannot be
+    keep_all = _every_item(costs.problem(allowed, plan_length), "keep") if compiled and measuring else None
 
     def judge_untouched(convs_2d: List[str], what: str) -> Optional[Tuple[int, float]]:
         """The measured peak and step of every block kept, compiled with `convs_2d` as conv2d and
         the convolutions swapped as `swapped` says; None where it runs out of GPU memory."""
-        plan = make(_every_item(costs.problem(allowed, plan_length), "keep"), convs_2d)
+        plan = make(keep_all, convs_2d)
         key = _plan_key(plan)
         if key not in untouched_judged:
             say(f"judging the untouched model compiled {what}")
@@ -442,7 +444,7 @@ def optimize_(
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
         candidates = sorted(n for n in convs_as_2d(model) if n not in swapped["phases"] + swapped["depthwise"])
-        if not candidates or _every_item(costs.problem(allowed, plan_length), "keep") is None:
+        if not candidates or keep_all is None:
             return []
         measured = [judge_untouched(convs, "with its Conv1ds as conv2d" if convs else "with its Conv1ds")
                     for convs in ([], candidates)]
@@ -454,8 +456,7 @@ def optimize_(
             f"at {step_1d * 1e3:.1f} ms; " + ("planning with them" if better else "planning without them"))
         return candidates if better else []
 
-    if compiled and measuring and (swapped["phases"] or swapped["depthwise"]) and _every_item(
-            costs.problem(allowed, plan_length), "keep") is not None:
+    if compiled and measuring and (swapped["phases"] or swapped["depthwise"]) and keep_all is not None:
         judge_swapped_convs()
     if compiled and measuring and "conv2d" in allowed:
         layout = choose_layout()
