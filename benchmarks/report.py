@@ -130,10 +130,7 @@ def optimize_table() -> str:
 def dilation_tables() -> str:
     """benchmarks/dilation_probe.py: one convolution per dilation, then whole steps, as they are and
     with their dilated Conv1ds by phases (NOTE [Dilated convs by phases])."""
-    import csv
-
-    with open(os.path.join(os.path.dirname(__file__), "results", "dilation_probe.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = rows_of_every_run("dilation_probe", statuses=None)  # a probe: no status column
     micro = defaultdict(dict)
     for r in (r for r in rows if r["section"] == "micro"):
         micro[(r["model"], int(r["dilation"]))][r["impl"]] = float(r["ms"])
