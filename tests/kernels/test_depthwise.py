@@ -325,3 +325,21 @@ def test_cuda_inductor_matches_reference(case):
     expected, _ = _run(depthwise_conv1d_ref, tensors, kwargs, grad_out)
     for a, e in zip(actual, expected):
         assert relative_error(a, e, floor=1e-12) < 1e-10
+
+
+@cuda
+@pytest.mark.skipif(not dw._TRITON_OPS, reason="torch.library.triton_op needs torch 2.6")
+def test_cuda_inductor_launches_the_kernels_itself():
+    # NOTE [Depthwise under torch.compile]: with triton ops, Inductor's generated code launches the
+    # forward kernel (a user-defined Triton kernel), no Python custom op in between
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 300, device="cuda")
+    w = torch.randn(8, 1, 5, device="cuda")
+    compiled = torch.compile(lambda x, w: depthwise_conv1d(x, w, None, padding=2), fullgraph=True)
+    out, code = run_and_get_code(compiled, x, w)
+    assert relative_error(out, depthwise_conv1d_ref(x, w, None, padding=2)) < 1e-6
+    generated = "\n".join(code)
+    assert "user_autotune" in generated and "def fwd(" in generated
+    assert "convmem.depthwise_conv1d" not in generated

@@ -63,7 +63,13 @@ channel ``o`` reads input channel ``o // multiplier``), as ``nn.Conv1d`` with ``
 # are, and the backward op is the autograd rule of the forward one (registered with
 # `register_autograd`), saving x, the weight and the bias, as the eager autograd function does.
 # Where the kernels cannot run (no Triton, the CPU without the interpreter) the ops compute the
-# reference and its gradients. What it buys is the model's: on an H200 (benchmarks/dilation_probe.py
+# reference and its gradients. On a GPU with torch >= 2.6 the same two functions are
+# `torch.library.triton_op`s instead (``convmem::depthwise_conv1d_triton`` and its ``_backward``),
+# each kernel launched through `torch.library.wrap_triton`: AOTAutograd traces into them and
+# Inductor launches the kernels from its generated code, with its own launcher, and compiles the
+# partial-sum reductions with the rest of the graph -- the host time of the Python ops below is
+# what that removes (not measured yet: written without GPU time). Under Triton's interpreter the
+# kernels are not traceable, and the opaque ops stay. What it buys is the model's: on an H200 (benchmarks/dilation_probe.py
 # --impls depthwise) the Conformer conv module compiled with its 16 depthwise convs on the kernel
 # spent 14.7 ms a step in GPU kernels against 21.8 with cuDNN's, yet stepped in 35.0 ms against
 # 25.3: the host time of a forward and backward here is about three times PyTorch's (746 against
@@ -300,7 +306,8 @@ def depthwise_conv1d(
     if weight.dim() == 2:
         weight = weight.unsqueeze(1)
     if torch.compiler.is_compiling():  # NOTE [Depthwise under torch.compile]
-        return _depthwise_op(x, weight, bias, stride, left, right, dilation, activation or "")
+        op = _depthwise_triton_op if _triton_ops_usable(x.device) else _depthwise_op
+        return op(x, weight, bias, stride, left, right, dilation, activation or "")
     if device_type != "meta" and not kernels_usable(x.device):
         _warn_once(device_type, _fallback_reason(x.device))
         return depthwise_conv1d_ref(x, weight, bias, stride, (left, right), dilation, activation)
@@ -370,16 +377,52 @@ def _depthwise_op_context(ctx, inputs, output) -> None:
     ctx.conf = (stride, left, right, dilation, activation)
 
 
-def _depthwise_op_gradients(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and bias is not None
-    grad_x, grad_w, grad_b = _depthwise_backward_op(grad_out, x, weight, bias, *ctx.conf, need_x, need_w, need_b)
-    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
-            None, None, None, None, None)
+def _gradients_by(backward_op):
+    """The autograd rule of a forward op whose gradients `backward_op` computes."""
+
+    def gradients(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        grad_x, grad_w, grad_b = backward_op(grad_out, x, weight, bias, *ctx.conf, need_x, need_w, need_b)
+        return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
+                None, None, None, None, None)
+
+    return gradients
 
 
-_depthwise_op.register_autograd(_depthwise_op_gradients, setup_context=_depthwise_op_context)
+_depthwise_op.register_autograd(_gradients_by(_depthwise_backward_op), setup_context=_depthwise_op_context)
+
+# NOTE [Depthwise under torch.compile]: where torch has triton ops (2.6 on) and the kernels are
+# compiled ones on a GPU, the same forward and backward as `torch.library.triton_op`s, whose
+# kernels Inductor launches from its own generated code.
+_TRITON_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def _triton_ops_usable(device: torch.device) -> bool:
+    return _TRITON_OPS and device.type == "cuda" and triton_available() and not _interpreting()
+
+
+if _TRITON_OPS:
+    @torch.library.triton_op("convmem::depthwise_conv1d_triton", mutates_args=())
+    def _depthwise_triton_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                             left: int, right: int, dilation: int, activation: str) -> torch.Tensor:
+        """`_depthwise_op` with its kernel visible to Inductor."""
+        return _forward(x, weight, bias, stride, left, right, dilation, activation or None,
+                        launch=torch.library.wrap_triton)
+
+    @torch.library.triton_op("convmem::depthwise_conv1d_triton_backward", mutates_args=())
+    def _depthwise_triton_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                      bias: Optional[torch.Tensor], stride: int, left: int, right: int, dilation: int,
+                                      activation: str, need_x: bool, need_w: bool,
+                                      need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_depthwise_backward_op` with its kernels visible to Inductor."""
+        grads = _backward(x, weight, bias, grad_out, stride, left, right, dilation, activation or None,
+                          need_x, need_w, need_b, launch=torch.library.wrap_triton)
+        return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+    _depthwise_triton_op.register_autograd(_gradients_by(_depthwise_triton_backward_op),
+                                           setup_context=_depthwise_op_context)
 
 
 class _DepthwiseConv1dFunction(torch.autograd.Function):
@@ -439,7 +482,12 @@ def _int32_safe(t: torch.Tensor, span: int) -> torch.Tensor:
     return t if abs(t.stride(-1)) * (span + 1) < 2**31 else t.contiguous()
 
 
-def _forward(x, weight, bias, stride, left, right, dilation, activation):
+def _as_is(kernel):
+    return kernel
+
+
+def _forward(x, weight, bias, stride, left, right, dilation, activation, launch=_as_is):
+    """`launch`: what a kernel is launched through (`torch.library.wrap_triton` inside the triton ops)."""
     batch, channels, length = x.shape
     out_channels, _, kernel_size = weight.shape
     length_out = _length_out(length, kernel_size, stride, left, right, dilation)
@@ -451,7 +499,7 @@ def _forward(x, weight, bias, stride, left, right, dilation, activation):
     block_l = _block_l(length_out)
     x = _int32_safe(x, block_l * stride + dilation * kernel_size)
     n_tiles = _cdiv(length_out, block_l)
-    k.fwd[(batch * out_channels * n_tiles,)](
+    launch(k.fwd)[(batch * out_channels * n_tiles,)](
         x, w, bias if bias is not None else w, y,
         out_channels, out_channels // channels, length, length_out, stride, left, dilation, n_tiles,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
@@ -473,7 +521,8 @@ def _chunks(device: torch.device, rows: int, n_tiles: int) -> Tuple[int, int]:
     return -(-n_tiles // per_chunk), per_chunk
 
 
-def _backward(x, weight, bias, grad_out, stride, left, right, dilation, activation, need_x, need_w, need_b):
+def _backward(x, weight, bias, grad_out, stride, left, right, dilation, activation, need_x, need_w, need_b,
+              launch=_as_is):
     batch, channels, length = x.shape
     out_channels, _, kernel_size = weight.shape
     multiplier = out_channels // channels
@@ -504,7 +553,7 @@ def _backward(x, weight, bias, grad_out, stride, left, right, dilation, activati
         chunks, per_chunk = _chunks(x.device, rows * n_kc, n_tiles)
         dw = torch.empty(chunks, rows, kernel_size, device=x.device, dtype=part_dtype)
         db = torch.empty(chunks, rows, device=x.device, dtype=part_dtype)
-        k.bwd_w[(rows * chunks * n_kc,)](
+        launch(k.bwd_w)[(rows * chunks * n_kc,)](
             xw, w, bias if bias is not None else w, g, gp, dw, db,
             out_channels, multiplier, length, length_out, stride, left, dilation, per_chunk, chunks, n_kc, rows,
             xw.stride(0), xw.stride(1), xw.stride(2), g.stride(0), g.stride(1), g.stride(2),
@@ -523,7 +572,7 @@ def _backward(x, weight, bias, grad_out, stride, left, right, dilation, activati
         block_l = _block_l(length)
         gp = _int32_safe(gp, block_l + dilation * kernel_size)
         n_tiles = _cdiv(length, block_l)
-        k.bwd_x[(batch * channels * n_tiles,)](
+        launch(k.bwd_x)[(batch * channels * n_tiles,)](
             gp, w, grad_x,
             channels, multiplier, length, length_out, stride, left, dilation, n_tiles,
             gp.stride(0), gp.stride(1), gp.stride(2), grad_x.stride(0), grad_x.stride(1), grad_x.stride(2),
@@ -543,17 +592,17 @@ def _cdiv(a: int, b: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
+    # Triton resolves the names a kernel uses in its module's globals (its interpreter re-creates
+    # the function from source, without closures), and Inductor copies a kernel launched in a
+    # compiled graph together with the @jit functions it finds among the globals it names
+    # (NOTE [Depthwise under torch.compile]): so `tl` and the kernels' helpers are this module's
+    # globals, bound here on first use. The kernels use only Triton's builtins (tl.full, tl.reduce),
+    # none of the @jit functions of triton.language.standard (tl.zeros, tl.sum): those are
+    # compiled-only objects when triton was imported before TRITON_INTERPRET=1 was set
+    # (torch._dynamo imports it), and the interpreter then cannot call them.
+    global tl, _act, _act_grad, _rounded, _tap, _taps, _add, _clamp32
     import triton
     import triton.language as tl
-
-    # Triton resolves the names a kernel uses in its module's globals (its interpreter re-creates
-    # the function from source, without closures), so the kernels' helpers are put there. The
-    # kernels use only Triton's builtins (tl.full, tl.reduce), none of the @jit functions of
-    # triton.language.standard (tl.zeros, tl.sum): those are compiled-only objects when triton was
-    # imported before TRITON_INTERPRET=1 was set (torch._dynamo imports it), and the interpreter
-    # then cannot call them.
-    g = globals()
-    g["tl"] = tl
 
     @triton.jit
     def _act(p, ACT: tl.constexpr):
@@ -617,8 +666,6 @@ def _kernels():
     @triton.jit
     def _clamp32(v):
         return tl.minimum(tl.maximum(v, -(2**30)), 2**30).to(tl.int32)
-
-    g.update(_act=_act, _act_grad=_act_grad, _rounded=_rounded, _tap=_tap, _taps=_taps, _add=_add, _clamp32=_clamp32)
 
     @triton.jit
     def fwd(x_ptr, w_ptr, b_ptr, y_ptr,
