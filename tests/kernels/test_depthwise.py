@@ -327,6 +327,13 @@ def test_cuda_inductor_matches_reference(case):
         assert relative_error(a, e, floor=1e-12) < 1e-10
 
 
+def test_the_choice_of_ops_is_a_constant_to_dynamo():
+    # read inside the traced function on a GPU: it must not break the graph
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + int(dw._triton_ops_on_gpus()), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(2)), torch.zeros(2) + int(dw._triton_ops_on_gpus()))
+
+
 @cuda
 @pytest.mark.skipif(not dw._TRITON_OPS, reason="torch.library.triton_op needs torch 2.6")
 def test_cuda_inductor_launches_the_kernels_itself():

@@ -306,7 +306,7 @@ def depthwise_conv1d(
     if weight.dim() == 2:
         weight = weight.unsqueeze(1)
     if torch.compiler.is_compiling():  # NOTE [Depthwise under torch.compile]
-        op = _depthwise_triton_op if _triton_ops_usable(x.device) else _depthwise_op
+        op = _depthwise_triton_op if x.device.type == "cuda" and _triton_ops_on_gpus() else _depthwise_op
         return op(x, weight, bias, stride, left, right, dilation, activation or "")
     if device_type != "meta" and not kernels_usable(x.device):
         _warn_once(device_type, _fallback_reason(x.device))
@@ -399,8 +399,10 @@ _depthwise_op.register_autograd(_gradients_by(_depthwise_backward_op), setup_con
 _TRITON_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 
-def _triton_ops_usable(device: torch.device) -> bool:
-    return _TRITON_OPS and device.type == "cuda" and triton_available() and not _interpreting()
+@torch.compiler.assume_constant_result  # read while Dynamo traces: a constant to it, no graph break
+def _triton_ops_on_gpus() -> bool:
+    """Whether CUDA tensors take the triton ops when compiling (torch >= 2.6, Triton, no interpreter)."""
+    return _TRITON_OPS and triton_available() and not _interpreting()
 
 
 if _TRITON_OPS:
