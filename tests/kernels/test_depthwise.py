@@ -303,6 +303,24 @@ def test_compiled_matches_reference_in_one_graph(case, kernels, monkeypatch):
         assert relative_error(a, e, floor=1e-12) < 1e-12, f"{name}: {relative_error(a, e):.3g}"
 
 
+@pytest.mark.parametrize("kernels", ["interpreted", "reference"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 13, 22)], ids=[IDS[i] for i in (1, 13, 22)])
+def test_custom_ops_agree_with_their_fakes(case, kernels, monkeypatch):
+    # Inductor asserts that an op's outputs have the sizes and strides of its fake's; the padded
+    # reference's input gradient is a slice of a longer one, which aot_eager above lets through
+    if kernels == "reference":
+        monkeypatch.setattr(dw, "kernels_usable", lambda device: False)
+    (x, weight, bias), kwargs = _inputs(case, torch.float64)
+    stride, dilation = kwargs["stride"], kwargs["dilation"]
+    left, right = dw.resolve_padding(kwargs["padding"], weight.shape[-1], dilation, stride)
+    conf = (stride, left, right, dilation, kwargs["activation"] or "")
+    out = dw._depthwise_op(x, weight, bias, *conf)
+    grad_out = torch.randn_like(out)
+    for op, args in [(dw._depthwise_op, (x, weight, bias, *conf)),
+                     (dw._depthwise_backward_op, (grad_out, x, weight, bias, *conf, True, True, bias is not None))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_compiled_partial_gradients():
     torch._dynamo.reset()
     x = torch.randn(2, 3, 21, dtype=torch.float64)

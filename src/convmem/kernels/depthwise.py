@@ -63,19 +63,21 @@ channel ``o`` reads input channel ``o // multiplier``), as ``nn.Conv1d`` with ``
 # are, and the backward op is the autograd rule of the forward one (registered with
 # `register_autograd`), saving x, the weight and the bias, as the eager autograd function does.
 # Where the kernels cannot run (no Triton, the CPU without the interpreter) the ops compute the
-# reference and its gradients. On a GPU with torch >= 2.6 the same two functions are
-# `torch.library.triton_op`s instead (``convmem::depthwise_conv1d_triton`` and its ``_backward``),
-# each kernel launched through `torch.library.wrap_triton`: AOTAutograd traces into them and
-# Inductor launches the kernels from its generated code, with its own launcher, and compiles the
-# partial-sum reductions with the rest of the graph -- the host time of the Python ops below is
-# what that removes (not measured yet: written without GPU time). Under Triton's interpreter the
-# kernels are not traceable, and the opaque ops stay. What it buys is the model's: on an H200 (benchmarks/dilation_probe.py
-# --impls depthwise) the Conformer conv module compiled with its 16 depthwise convs on the kernel
-# spent 14.7 ms a step in GPU kernels against 21.8 with cuDNN's, yet stepped in 35.0 ms against
-# 25.3: the host time of a forward and backward here is about three times PyTorch's (746 against
-# 221 us on that machine, benchmarks/kernels.py --sections host: three Triton launches and their
-# reductions), and that step is host-bound. Under CUDA graphs (mode="reduce-overhead") the host
-# time is gone: 16.4 ms against 24.0. `optimize_` decides per model (option "depthwise", NOTE
+# reference and its gradients. That is how the ops run under Triton's interpreter (its kernels are
+# not traceable) and on torch < 2.6; there, on an H200 (benchmarks/dilation_probe.py --impls
+# depthwise, commit 6e00904), the Conformer conv module compiled with its 16 depthwise convs on the
+# kernel spent 15.0 ms a step in GPU kernels against 21.8 with cuDNN's, yet stepped in 29.8 ms
+# against 23.9: the host time of a forward and backward through the Python ops is about three
+# times PyTorch's (746 against 221 us on that machine, benchmarks/kernels.py --sections host: three
+# Triton launches and their reductions), and that step is host-bound.
+# So on a GPU with torch >= 2.6 the same two functions are `torch.library.triton_op`s instead
+# (``convmem::depthwise_conv1d_triton`` and its ``_backward``), each kernel launched through
+# `torch.library.wrap_triton`: AOTAutograd traces into them, Inductor launches the kernels from its
+# generated code with its own launcher and compiles the partial-sum reductions with the rest of the
+# graph. Same H200, commit 4b044fb: the Conformer step 20.2 ms against 24.6 as is, ConvTasNet's
+# 33.2 against 40.6 (its 24 depthwise convs), both one graph. Under CUDA graphs
+# (mode="reduce-overhead") the host time is gone either way: 16.4 ms against 24.0 (Conformer, the
+# Python ops). `optimize_` decides per model (option "depthwise", NOTE
 # [Convs by phases in plans] in plan/costs.py).
 """
 from __future__ import annotations
@@ -361,7 +363,8 @@ def _reference_backward(x, weight, bias, grad_out, stride, left, right, dilation
         grad_out, padded, weight, list(bias.shape) if bias is not None else None, [stride], [0], [dilation], False,
         [0], groups, [need_x, need_w, need_b])
     if grad_x is not None and (left or right):
-        grad_x = grad_x[..., left:left + x.shape[-1]]
+        # a fresh tensor, as the fake op's: Inductor asserts an op's strides and storage offset
+        grad_x = grad_x[..., left:left + x.shape[-1]].contiguous()
     return grad_x, grad_w, grad_b
 
 
@@ -395,14 +398,16 @@ _depthwise_op.register_autograd(_gradients_by(_depthwise_backward_op), setup_con
 
 # NOTE [Depthwise under torch.compile]: where torch has triton ops (2.6 on) and the kernels are
 # compiled ones on a GPU, the same forward and backward as `torch.library.triton_op`s, whose
-# kernels Inductor launches from its own generated code.
-_TRITON_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+# kernels Inductor launches from its own generated code. Defined only with Triton installed:
+# without it torch warns at each definition that it finds no kernels.
+_TRITON_OPS = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+               and triton_available())
 
 
 @torch.compiler.assume_constant_result  # read while Dynamo traces: a constant to it, no graph break
 def _triton_ops_on_gpus() -> bool:
     """Whether CUDA tensors take the triton ops when compiling (torch >= 2.6, Triton, no interpreter)."""
-    return _TRITON_OPS and triton_available() and not _interpreting()
+    return _TRITON_OPS and not _interpreting()
 
 
 if _TRITON_OPS:
