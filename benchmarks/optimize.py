@@ -61,7 +61,7 @@ from convmem.plan.costs import OPTIONS  # noqa: E402
 COMPILE_OPTIONS = ("selective", "checkpoint", "pool", "conv2d", "chunk", "offload", "phases", "depthwise")
 FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
 ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
-MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak
+MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak (--match-share)
 
 
 def regime_of(anchor: str, compiled: bool = False) -> str:
@@ -211,9 +211,10 @@ def bench_model(name, args, base, out_csv, deadline):
         harness.free_between_rows()
 
     jobs = [(f"convmem_plan_{share:g}", int(share * eager_peak), "fp32") for share in args.budgets]
-    jobs += [(f"convmem_at_{anchor}", int(MATCH_SHARE * measured[anchor]["peak_bytes"]), regime_of(anchor))
+    jobs += [(f"convmem_at_{anchor}", int(args.match_share * measured[anchor]["peak_bytes"]), regime_of(anchor))
              for anchor in args.match if anchor in measured]
-    jobs += [(f"convmem_at_{anchor}_compiled", int(MATCH_SHARE * measured[anchor]["peak_bytes"]), regime_of(anchor, True))
+    jobs += [(f"convmem_at_{anchor}_compiled", int(args.match_share * measured[anchor]["peak_bytes"]),
+              regime_of(anchor, True))
              for anchor in args.match_compiled if anchor in measured]
     jobs += [(f"convmem_plan_{share:g}_bf16", int(share * eager_peak), "bf16") for share in args.bf16]
     jobs += [(f"convmem_plan_{share:g}_compiled", int(share * eager_peak), "fp32+compile") for share in args.compiled]
@@ -237,6 +238,8 @@ def main(argv=None):
     parser.add_argument("--match", default="", help="anchors to plan at (99%% of their peak, in their regime)")
     parser.add_argument("--match-compiled", default="",
                         help="anchors to plan at with the plan under torch.compile, in the anchor's precision")
+    parser.add_argument("--match-share", type=float, default=MATCH_SHARE,
+                        help="a matched plan's budget as a share of its anchor's peak (in (0, 1]: less memory)")
     parser.add_argument("--bf16", default="", help="shares of the eager fp32 peak, planned under bf16 autocast")
     parser.add_argument("--compiled", default="", help="shares of the eager fp32 peak, planned for torch.compile")
     parser.add_argument("--compile-mode", choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -259,6 +262,8 @@ def main(argv=None):
     args.budgets, args.bf16, args.compiled = floats(args.budgets), floats(args.bf16), floats(args.compiled)
     args.anchors, args.match, args.match_compiled = names(args.anchors), names(args.match), names(args.match_compiled)
     args.compiled_allow = tuple(names(args.compiled_allow))
+    if not 0 < args.match_share <= 1:
+        parser.error(f"--match-share must be in (0, 1], got {args.match_share}")
     unknown = [a for a in args.anchors + args.match + args.match_compiled if a not in ANCHORS]
     if unknown:
         parser.error(f"unknown anchors {unknown}; the anchors are {list(ANCHORS)}")
