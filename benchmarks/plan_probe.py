@@ -9,7 +9,8 @@ they run, without the planner in the way: each plan is written block by block (`
 ``selective``, ``checkpoint``, ``chunkN`` for a batch chunk of N samples, ``offload``; blocks not
 named are kept), applied with `convmem.apply_` to a fresh model, compiled and measured the way the
 optimize bench measures its rows (benchmarks/harness.py). ``--conv2d`` runs each plan with the
-model's Conv1ds as they are, as conv2d (NOTE [Conv layouts in compiled plans]), or both; ``--chunks``
+model's Conv1ds as they are, as conv2d (NOTE [Conv layouts in compiled plans]), or both
+(``--conv2d-only`` names the convs by prefix); ``--chunks``
 runs the chunked blocks' modules compiled on their own, as `optimize_`'s compiled plans do (NOTE
 [Compiled chunks] in convmem/nn/batch_chunked.py), eagerly, or both. Rows go to
 OUT_DIR/plan_probe.csv; the probe informs the planner's design and is not a plan of `optimize_`, so
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--anchor", default="", help="an anchor measured first, in the same run")
     parser.add_argument("--plans", required=True, help="plans separated by ';', blocks by ','")
     parser.add_argument("--conv2d", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--conv2d-only", default="",
+                        help="with --conv2d: only the Conv1ds whose names start with one of these (comma-separated)")
     parser.add_argument("--chunks", choices=("compiled", "eager", "both"), default="compiled")
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default")
     parser.add_argument("--repeats", type=int, default=5)
@@ -96,9 +99,13 @@ def main() -> None:
     # the untouched plan of this model (from its estimate, on the meta device): its blocks and
     # structure, which each written plan's segments replace
     entry = zoo.get(args.model, size=args.size, device="meta")
+    # the convs by their names in the untouched model, where the written plans are applied
+    prefixes = tuple(p for p in args.conv2d_only.split(",") if p)
+    convs = sorted(name for name in convs_as_2d(entry.model) if not prefixes or name.startswith(prefixes))
+    if not convs and args.conv2d != "no":
+        parser.error(f"--conv2d-only {args.conv2d_only!r} names no Conv1d of {args.model}")
     template = optimize_(entry.model, *entry.inputs, budget=1.0, loss_fn=entry.loss_fn, allow=("checkpoint",),
                          measure=False)
-    convs = sorted(convs_as_2d(entry.model))
     del entry
     try:  # every plan read before anything is measured
         written = {text: parse_plan(text, len(template.items)) for text in [p.strip() for p in args.plans.split(";")]
@@ -121,7 +128,8 @@ def main() -> None:
                                    compiled=compiled_chunks)
         entry = zoo.get(args.model, size=args.size, device=args.device)
         row = row_for("probe_compiled" + (f"_{mode.replace('-', '_')}" if mode else ""), entry,
-                      plan=text, conv2d=as_2d, compiled_chunks=compiled_chunks, compile_mode=args.compile_mode)
+                      plan=text, conv2d=(f"{len(convs)} convs" if prefixes else True) if as_2d else False,
+                      compiled_chunks=compiled_chunks, compile_mode=args.compile_mode)
         try:
             apply_(entry.model, plan)
             harness.free_between_rows()  # a reset compiler: each plan compiles from scratch
