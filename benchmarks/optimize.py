@@ -56,9 +56,10 @@ from convmem.plan.costs import OPTIONS  # noqa: E402
 # "pool": max-pools compact (NOTE [Compact max-pools in plans]); "conv2d": Conv1ds as conv2d where the
 # compiled step measures better so (NOTE [Conv layouts in compiled plans]); "chunk" and "offload" as
 # eager islands where no fully compiled plan fits (NOTE [Eager islands in compiled plans]); "phases":
-# dilated Conv1ds by phases, "depthwise": depthwise ones on convmem's kernel, where each measures
-# faster so (NOTE [Convs by phases in plans])
-COMPILE_OPTIONS = ("selective", "checkpoint", "pool", "conv2d", "chunk", "offload", "phases", "depthwise")
+# dilated Conv1ds by phases, "depthwise": depthwise ones on convmem's kernel, "matmul": those with
+# few input channels as one matmul, where each measures faster so (NOTE [Convs by phases in plans])
+COMPILE_OPTIONS = ("selective", "checkpoint", "pool", "conv2d", "chunk", "offload", "phases", "depthwise",
+                   "matmul")
 FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
 ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
 MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak (--match-share)
@@ -192,6 +193,8 @@ def bench_model(name, args, base, out_csv, deadline):
                 labels += f"; {len(plan.convs_by_phases)} Conv1d by phases"
             if plan.convs_depthwise:
                 labels += f"; {len(plan.convs_depthwise)} Conv1d on the depthwise kernel"
+            if plan.convs_as_matmul:
+                labels += f"; {len(plan.convs_as_matmul)} Conv1d as a matmul"
             # what optimize_ measured when it judged the plan, beside this row's own measurement: on an
             # H200 the judging timed compiled plans 0.3-0.9 ms faster than their rows (runs 42, 43, 45 and
             # 46; 4-5 ms on host-bound convtasnet, runs 41 and 44), for reasons not yet traced

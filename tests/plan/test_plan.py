@@ -509,11 +509,12 @@ def test_a_plan_that_fails_to_apply_leaves_the_pools_as_they_were():
 
 
 # ------------------------------------------------------------- dilated convs by phases
-def _phases_timed_by(monkeypatch, pays=lambda dilation: dilation >= 4, kernel_s=None):
+def _phases_timed_by(monkeypatch, pays=lambda dilation: dilation >= 4, kernel_s=None, matmul_s=1.0):
     """Every step the planner times takes 1 s, a lone dilated conv by phases 0.5 s where `pays`
     says so and 0.99 s (not 3% faster) elsewhere, one on the depthwise kernel `kernel_s` (the
-    kernel then usable on the CPU): NOTE [Convs by phases in plans] on the CPU."""
-    from convmem.nn import Conv1dByPhases, FusedDepthwiseConv1d
+    kernel then usable on the CPU), one as a matmul `matmul_s`: NOTE [Convs by phases in plans] on
+    the CPU."""
+    from convmem.nn import Conv1dAsMatmul, Conv1dByPhases, FusedDepthwiseConv1d
     from convmem.plan import costs as costs_module
 
     timed = []
@@ -524,6 +525,8 @@ def _phases_timed_by(monkeypatch, pays=lambda dilation: dilation >= 4, kernel_s=
             return 0.5 if pays(model.wrapped.dilation[0]) else 0.99
         if isinstance(model, FusedDepthwiseConv1d):
             return kernel_s
+        if isinstance(model, Conv1dAsMatmul):
+            return matmul_s
         return 1.0
 
     monkeypatch.setattr(costs_module, "step_seconds", fake)
@@ -627,6 +630,33 @@ def test_the_fastest_way_of_a_dilated_depthwise_conv_wins_and_applies_exactly(mo
     assert wrapper_state(fresh.model) == kinds
 
 
+@pytest.mark.parametrize("matmul_s", [0.5, 0.98])
+def test_convs_with_few_input_channels_run_as_a_matmul_where_faster_and_apply_exactly(monkeypatch, matmul_s):
+    # NOTE [Conv1d as a matmul]: Basenji's stem (4 channels in) is the one conv whose columns are no
+    # larger than its output; it runs as a matmul only where that measured at least 3% faster
+    _phases_timed_by(monkeypatch, matmul_s=matmul_s)
+    entry = zoo.get("basenji", size="small", dtype=torch.float64)
+    reference = twin(entry.model)
+    plan = optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn,
+                     allow=("checkpoint", "matmul"), measure=True)
+    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=1)
+    assert plan.convs_as_matmul == (["trunk.0.conv"] if matmul_s < 0.97 else [])
+    assert ("computed as one matmul" in plan.explain()) == (matmul_s < 0.97)
+    kinds = wrapper_state(entry.model)
+    assert list(kinds.values()).count("Conv1dAsMatmul") == len(plan.convs_as_matmul)
+    fresh = zoo.get("basenji", size="small", dtype=torch.float64)
+    apply_(fresh.model, Plan.from_json(plan.to_json()))
+    assert wrapper_state(fresh.model) == kinds
+    if plan.convs_as_matmul:
+        both = dataclasses.replace(plan, convs_by_phases=plan.convs_as_matmul)
+        with pytest.raises(ValueError, match="by phases"):
+            apply_(zoo.get("basenji", size="small").model, both)
+        convmem.restore_(entry.model)
+        with pytest.raises(ValueError, match="option 'matmul'.*allow 'matmul'"):
+            optimize_(entry.model, *entry.inputs, budget=1 << 40, loss_fn=entry.loss_fn, allow=("checkpoint",),
+                      costs=plan.costs, measure=False)
+
+
 @pytest.mark.parametrize("faster_compiled", [True, False])
 def test_compiled_plans_keep_the_swapped_convs_only_where_the_compiled_step_is_faster(monkeypatch, faster_compiled):
     # NOTE [Convs by phases in plans]: the eager timing proposes, the untouched model compiled with
@@ -651,6 +681,6 @@ def test_compiled_plans_keep_the_swapped_convs_only_where_the_compiled_step_is_f
     assert judged[:2] == [expected, []]  # the untouched model compiled, with them and without
     assert plan.convs_by_phases == (expected if faster_compiled else [])
     assert all(p == (expected if faster_compiled else []) for p in judged[2:])  # every plan judged after
-    left = "6 Conv1d measured faster alone (by phases or on convmem's depthwise kernel) left as they are"
+    left = "6 Conv1d measured faster alone (by phases, on convmem's depthwise kernel or as a matmul) left as they are"
     assert (left in plan.explain()) != faster_compiled
     assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=1)

@@ -63,6 +63,9 @@
 # (in the plan's mode) with the swapped convolutions and without them (two more compilations) and
 # plans with them only when they measured faster (the costs stay as taken); under CUDA graphs the
 # Conformer stack measured 15.8 ms with them against 22.7.
+# Option "matmul" is a third way, for a Conv1d with few input channels (`Conv1dAsMatmul`: its
+# columns no larger than its output, NOTE [Conv1d as a matmul] in nn/conv_as_matmul.py), timed and
+# judged the same way; a conv that more than one way can run takes the fastest.
 #
 # NOTE [Modules beside the blocks]
 # The blocks (NOTE [Repeated blocks]) are what a user would checkpoint by hand, and what the
@@ -98,6 +101,7 @@ from ..nn._wrapper import ModuleWrapper
 from ..nn.checkpointed import Checkpointed, resolve_policy
 from ..nn.compact_pool import compact_pools
 from ..kernels.depthwise import kernels_usable
+from ..nn.conv_as_matmul import Conv1dAsMatmul, conv_as_matmul_reason
 from ..nn.conv_phases import Conv1dByPhases, conv_by_phases_reason
 from ..nn.fused_depthwise import FusedDepthwiseConv1d, fusable_reason
 from ..nn.batch_chunked import BatchChunked, coupling_module
@@ -115,7 +119,8 @@ from .timing import step_seconds
 
 __all__ = ["ItemCost", "ChainCosts", "chain_costs", "chain_span", "fused_chains", "OPTIONS"]
 
-OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk", "fuse", "pool", "conv2d", "phases", "depthwise")
+OPTIONS = ("selective", "checkpoint", "tile", "offload", "chunk", "fuse", "pool", "conv2d", "phases", "depthwise",
+           "matmul")
 LOSSY_OPTIONS = ("bf16",)  # saved activations in bfloat16: nn/saved_precision.py, only with lossy=True
 _TILE_FRACTIONS = (2, 4, 8, 16, 32)  # candidate tile lengths: the input length over these
 _MIN_TILE = 256
@@ -177,6 +182,7 @@ class ChainCosts:
     pools: List[str] = dataclasses.field(default_factory=list)  # NOTE [Compact max-pools in plans]
     phased: List[str] = dataclasses.field(default_factory=list)  # NOTE [Convs by phases in plans]
     depthwise: List[str] = dataclasses.field(default_factory=list)  # ... on convmem's depthwise kernel
+    matmul: List[str] = dataclasses.field(default_factory=list)  # ... as a matmul over their columns
 
     def scale(self, length: int) -> float:
         return length / self.length
@@ -434,15 +440,15 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     blocks = plannable_items(model)
     pools = compact_pools(model) if "pool" in allow else {}
     faster = {}  # NOTE [Convs by phases in plans]
-    if {"phases", "depthwise"} & set(allow) and (measure_times if measure_times is not None else _on_cuda(model, inputs)):
+    if set(FASTER_CONVS) & set(allow) and (measure_times if measure_times is not None else _on_cuda(model, inputs)):
         faster = faster_convs(model, inputs, autocast, allow, progress or (lambda text: None))
-    phased, depthwise = faster.get("phases", {}), faster.get("depthwise", {})
-    if not pools and not phased and not depthwise:
+    phased, depthwise, matmul = (faster.get(option, {}) for option in FASTER_CONVS)
+    if not pools and not phased and not depthwise and not matmul:
         return _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     # NOTE [Compact max-pools in plans], NOTE [Convs by phases in plans]: every option is costed
     # with them; the untouched model's estimate stays what budgets are fractions of.
     untouched = estimate_step(meta_clone(model), to_meta(tuple(inputs)), loss_fn, autocast_dtype=autocast)
-    undo = swap_modules(model, {**pools, **phased, **depthwise})
+    undo = swap_modules(model, {**pools, **phased, **depthwise, **matmul})
     try:
         costs = _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     finally:
@@ -451,6 +457,7 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     costs.pools = sorted(pools)
     costs.phased = sorted(phased)
     costs.depthwise = sorted(depthwise)
+    costs.matmul = sorted(matmul)
     calls = _first_calls(untouched.calls)
     for it in costs.items:
         it.kept_untouched = inclusive_kept(calls[it.name]) if it.name in calls else None
@@ -472,12 +479,18 @@ def _on_the_kernel(conv: nn.Module, device: torch.device) -> Optional[nn.Module]
     return FusedDepthwiseConv1d.from_conv1d(conv) if usable else None
 
 
-_FASTER = (("phases", "by phases", _by_phases), ("depthwise", "on convmem's depthwise kernel", _on_the_kernel))
+def _as_matmul(conv: nn.Module, device: torch.device) -> Optional[nn.Module]:
+    return Conv1dAsMatmul(conv) if conv_as_matmul_reason(conv) is None else None
+
+
+_FASTER = (("phases", "by phases", _by_phases), ("depthwise", "on convmem's depthwise kernel", _on_the_kernel),
+           ("matmul", "as a matmul", _as_matmul))
+FASTER_CONVS = tuple(option for option, _, _ in _FASTER)  # options that swap Conv1ds where they measured faster
 
 
 def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[torch.dtype], allow: Sequence[str],
                  say=lambda text: None) -> Dict[str, Dict[str, nn.Module]]:
-    """Per option of `allow` among "phases" and "depthwise", the Conv1ds of `model` that measured
+    """Per option of `allow` among `FASTER_CONVS`, the Conv1ds of `model` that measured
     faster so (NOTE [Convs by phases in plans]): ``{option: {name: wrapper}}``, nothing swapped.
 
     Each convolution's forward and backward is timed at the input it sees in one forward of

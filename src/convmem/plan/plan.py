@@ -27,6 +27,7 @@ from ..nn.batch_chunked import BatchChunked
 from ..nn.checkpointed import Checkpointed
 from ..nn.compact_pool import CompactMaxPool1d, compact_pool_reason
 from ..nn.conv_as_2d import Conv1dAs2d, conv_as_2d_reason
+from ..nn.conv_as_matmul import Conv1dAsMatmul, conv_as_matmul_reason
 from ..nn.conv_phases import Conv1dByPhases, conv_by_phases_reason
 from ..nn.fused_depthwise import FusedDepthwiseConv1d, fusable_reason
 from ..nn.eager_island import EagerIsland
@@ -49,6 +50,7 @@ _SWAPS = (
     ("convs_by_phases", "computes the Conv1d {!r} by phases", conv_by_phases_reason, Conv1dByPhases, "by phases"),
     ("convs_depthwise", "runs the Conv1d {!r} on convmem's depthwise kernel", fusable_reason,
      FusedDepthwiseConv1d.from_conv1d, "on the depthwise kernel"),
+    ("convs_as_matmul", "computes the Conv1d {!r} as a matmul", conv_as_matmul_reason, Conv1dAsMatmul, "as a matmul"),
 )
 
 
@@ -109,6 +111,8 @@ class Plan:
     convs_by_phases: List[str] = dataclasses.field(default_factory=list)
     # depthwise Conv1ds on convmem's Triton kernel, where that measured faster: the same NOTE
     convs_depthwise: List[str] = dataclasses.field(default_factory=list)
+    # Conv1ds with few input channels as one matmul, where that measured faster: the same NOTE
+    convs_as_matmul: List[str] = dataclasses.field(default_factory=list)
     # made for compiled training: chunked blocks compile on their own in their islands (NOTE [Compiled chunks])
     compiled: bool = False
 
@@ -141,12 +145,16 @@ class Plan:
         if self.convs_depthwise:
             lines.append(f"  {len(self.convs_depthwise)} depthwise Conv1d on convmem's Triton kernel "
                          "(their forward and backward measured faster so)")
-        proposed = (self.costs.phased + self.costs.depthwise) if self.costs else []
-        left = [n for n in proposed if n not in self.convs_by_phases + self.convs_depthwise]
+        if self.convs_as_matmul:
+            lines.append(f"  {len(self.convs_as_matmul)} Conv1d with few input channels computed as one matmul over "
+                         "their unfolded input (their forward and backward measured faster so)")
+        proposed = (self.costs.phased + self.costs.depthwise + self.costs.matmul) if self.costs else []
+        left = [n for n in proposed if n not in self.convs_by_phases + self.convs_depthwise + self.convs_as_matmul]
         if self.compiled and left:  # NOTE [Convs by phases in plans]: the compiled step decided
             graphs = ("" if self.measured_compile_mode == "reduce-overhead" else
                       "; under CUDA graphs (compiled='reduce-overhead') the host time would not count")
-            lines.append(f"  {len(left)} Conv1d measured faster alone (by phases or on convmem's depthwise kernel) "
+            lines.append(f"  {len(left)} Conv1d measured faster alone (by phases, on convmem's depthwise kernel or "
+                         "as a matmul) "
                          f"left as they are: the untouched model compiled measured no faster with them{graphs}")
         if self.convs_2d:
             lines.append(f"  {len(self.convs_2d)} Conv1d computed as conv2d, for torch.compile's channels-last layouts "

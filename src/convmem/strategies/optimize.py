@@ -179,7 +179,8 @@ class InfeasibleBudget(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig(ConfigDict):
     """``allow``: the options the planner may use, a subset of ("selective", "checkpoint", "tile",
-    "offload", "chunk", "fuse", "pool", "conv2d", "phases", "depthwise"); "keep" is always allowed."""
+    "offload", "chunk", "fuse", "pool", "conv2d", "phases", "depthwise", "matmul"); "keep" is always
+    allowed."""
 
     allow: Tuple[str, ...] = OPTIONS
     lossy: bool = False
@@ -255,7 +256,9 @@ def optimize_(
             every max-pool with int8 window offsets (NOTE [Compact max-pools in plans]); nor is
             "phases": on a GPU, every dilated Conv1d whose step measured faster as an undilated
             conv2d over its phases runs so, nor "depthwise": every depthwise Conv1d whose step
-            measured faster on convmem's Triton kernel (NOTE [Convs by phases in plans]).
+            measured faster on convmem's Triton kernel, nor "matmul": every Conv1d with few input
+            channels whose step measured faster as one matmul over its unfolded input (NOTE [Convs
+            by phases in plans]).
         lossy: also allow keeping blocks' saved activations in bfloat16 ("bf16": outputs unchanged,
             gradients rounded; NOTE [Saved tensors in low precision]). The plan then reports the
             relative gradient error it causes on the example inputs (``plan.lossy_gradient_error``,
@@ -323,7 +326,7 @@ def optimize_(
     if costs.pools and "pool" not in allowed:
         raise ValueError(f"{_STRATEGY}: these costs were taken with the model's max-pools compact (option 'pool', "
                          "NOTE [Compact max-pools in plans]); allow 'pool' or let optimize_ measure the costs again")
-    for option, swapped in (("phases", costs.phased), ("depthwise", costs.depthwise)):
+    for option, swapped in (("phases", costs.phased), ("depthwise", costs.depthwise), ("matmul", costs.matmul)):
         if swapped and option not in allowed:
             raise ValueError(f"{_STRATEGY}: these costs were taken with Conv1ds swapped by option {option!r} (NOTE "
                              f"[Convs by phases in plans]); allow {option!r} or let optimize_ measure the costs again")
@@ -340,7 +343,11 @@ def optimize_(
     measuring = here and measure is not False and _on_cuda(model, inputs)
 
     layout: List[str] = []  # NOTE [Conv layouts in compiled plans]: the Conv1ds computed as conv2d
-    swapped = {"phases": list(costs.phased), "depthwise": list(costs.depthwise)}  # NOTE [Convs by phases in plans]
+    # NOTE [Convs by phases in plans]: the Conv1ds each of FASTER_CONVS swaps
+    swapped = {"phases": list(costs.phased), "depthwise": list(costs.depthwise), "matmul": list(costs.matmul)}
+
+    def swapped_convs() -> List[str]:
+        return [n for convs in swapped.values() for n in convs]
 
     def make(solution, convs_2d: Optional[List[str]] = None) -> Plan:
         # NOTE [Compact max-pools in plans]: a budget the untouched model meets leaves it untouched
@@ -356,9 +363,10 @@ def optimize_(
             pools=[] if untouched else list(costs.pools),
             convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
                       if not any(n.startswith(t + ".") for t in tiled)
-                      and n not in swapped["phases"] + swapped["depthwise"]],
+                      and n not in swapped_convs()],
             convs_by_phases=list(swapped["phases"]),  # NOTE [Convs by phases in plans]
             convs_depthwise=list(swapped["depthwise"]),
+            convs_as_matmul=list(swapped["matmul"]),
             compiled=compiled,  # NOTE [Compiled chunks]
         )
 
@@ -430,7 +438,7 @@ def optimize_(
         eager speed stay only when the untouched model's compiled step measures faster with them."""
         chosen = dict(swapped)
         with_them = judge_untouched([], "with its faster convolutions")
-        swapped.update(phases=[], depthwise=[])
+        swapped.update((option, []) for option in swapped)
         without = judge_untouched([], "with its convolutions as they are")
         if with_them is None or without is None or with_them[1] >= without[1]:
             say("planning with the convolutions as they are" + (
@@ -443,7 +451,7 @@ def optimize_(
     def choose_layout() -> List[str]:
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
-        candidates = sorted(n for n in convs_as_2d(model) if n not in swapped["phases"] + swapped["depthwise"])
+        candidates = sorted(n for n in convs_as_2d(model) if n not in swapped_convs())
         if not candidates or keep_all is None:
             return []
         measured = [judge_untouched(convs, "with its Conv1ds as conv2d" if convs else "with its Conv1ds")
@@ -456,7 +464,7 @@ def optimize_(
             f"at {step_1d * 1e3:.1f} ms; " + ("planning with them" if better else "planning without them"))
         return candidates if better else []
 
-    if compiled and measuring and (swapped["phases"] or swapped["depthwise"]) and keep_all is not None:
+    if compiled and measuring and swapped_convs() and keep_all is not None:
         judge_swapped_convs()
     if compiled and measuring and "conv2d" in allowed:
         layout = choose_layout()
@@ -648,7 +656,7 @@ def _layout(segments) -> Tuple:
 def _plan_key(plan: Plan) -> Tuple:
     """What makes two plans the same step: the blocks' options, the compact pools, the conv layouts."""
     return (_layout(plan.segments), tuple(plan.pools), tuple(plan.convs_2d), tuple(plan.convs_by_phases),
-            tuple(plan.convs_depthwise))
+            tuple(plan.convs_depthwise), tuple(plan.convs_as_matmul))
 
 
 _MEASUREMENTS = ("estimated_peak_bytes", "measured_peak_bytes", "measured_step_s", "measured_compiled",

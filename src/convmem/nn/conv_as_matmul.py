@@ -1,0 +1,115 @@
+"""A Conv1d with few input channels computed as one matmul over its unfolded input: `Conv1dAsMatmul`.
+
+# NOTE [Conv1d as a matmul]
+# A model's first convolution often reads a handful of channels over the longest length of the
+# model (Basenji's stem: 4 channels, k=15, 131,072 positions; a waveform's single channel), a shape
+# convolution libraries tile poorly: the reduction per output is in_channels x kernel_size terms,
+# far under the tiles their kernels are built for. The same sums of the same products are one
+# matmul: the input, padded, is unfolded into its columns ``(batch, in_channels * kernel_size,
+# length_out)`` (an ``unfold`` view, then one copy), and ``weight.view(out, in * k) @ columns`` is
+# the output; autograd's matmul backward gives the weight's gradient as columns times the output's
+# gradient, and the input's through the unfold's backward. Only convolutions whose reduction is
+# short, ``in_channels * kernel_size <= 64``, are offered, and only where the columns are no larger
+# than the output (``in_channels * kernel_size <= out_channels``), so the bytes the matmul keeps for
+# its backward (the columns, in eager mode) are at most the output's.
+# On a GPU the matmul runs in float32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set, where
+# cuDNN convolves in TF32 by default (``torch.backends.cudnn.allow_tf32``): the sums are the same,
+# rounded less. Whether it is faster is the card's and the shape's: `optimize_` times each such conv
+# both ways (option "matmul", NOTE [Convs by phases in plans] in plan/costs.py).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..analysis import trace as _trace
+from ..kernels.depthwise import resolve_padding
+from ._wrapper import ModuleWrapper, swappable
+
+__all__ = ["Conv1dAsMatmul", "conv1d_as_matmul", "conv_as_matmul_reason", "convs_as_matmul"]
+
+MAX_ROWS = 64  # the longest reduction (in_channels * kernel_size) offered: NOTE [Conv1d as a matmul]
+
+
+def conv_as_matmul_reason(module: nn.Module) -> Optional[str]:
+    """Why `module` cannot be a `Conv1dAsMatmul`, or None when it can."""
+    if type(module) is not nn.Conv1d:
+        return f"not an nn.Conv1d ({type(module).__name__})"
+    if module.groups != 1:
+        return f"groups={module.groups}: one matmul computes an ungrouped convolution"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: the columns are padded with zeros only"
+    rows = module.in_channels * module.kernel_size[0]
+    if rows > MAX_ROWS:
+        return (f"its reduction ({module.in_channels} channels x kernel {module.kernel_size[0]} = {rows} terms) "
+                f"is over the {MAX_ROWS} the matmul form is for: few input channels")
+    if rows > module.out_channels:
+        return (f"its columns ({module.in_channels} channels x kernel {module.kernel_size[0]} = {rows} rows) "
+                f"would outnumber its {module.out_channels} output channels")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks, which the matmul would bypass"
+    return None
+
+
+def conv1d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, left: int,
+                     right: int, dilation: int) -> torch.Tensor:
+    """``F.conv1d`` (groups 1) of `x` zero-padded by (left, right), as one matmul over its columns
+    (NOTE [Conv1d as a matmul]).
+
+    x: (batch, in_channels, length) -> (batch, out_channels, length_out), as ``F.conv1d``.
+    """
+    batch, channels, _ = x.shape
+    out_channels, _, kernel_size = weight.shape
+    padded = F.pad(x, (left, right)) if left or right else x
+    span = dilation * (kernel_size - 1) + 1
+    if padded.shape[-1] < span:  # too short to convolve: F.conv1d's own error
+        return F.conv1d(padded, weight, bias, stride, 0, dilation)
+    columns = padded.unfold(-1, span, stride)  # (batch, channels, length_out, span), a view
+    if dilation > 1:
+        columns = columns[..., ::dilation]
+    # (batch, channels * kernel_size, length_out) in the weight's (channel, tap) order: the one copy
+    columns = columns.permute(0, 1, 3, 2).reshape(batch, channels * kernel_size, -1)
+    out = torch.matmul(weight.reshape(out_channels, channels * kernel_size), columns)
+    return out if bias is None else out + bias.unsqueeze(-1)
+
+
+class Conv1dAsMatmul(ModuleWrapper):
+    """An ``nn.Conv1d`` with few input channels computed as one matmul over its unfolded input (NOTE
+    [Conv1d as a matmul]); same outputs and gradients, parameters and state_dict keys.
+
+    x: (batch, in_channels, length) or (in_channels, length).
+
+    Example::
+
+        >>> conv = Conv1dAsMatmul(nn.Conv1d(4, 64, 15, padding=7))
+        >>> conv(torch.randn(2, 4, 1000)).shape
+        torch.Size([2, 64, 1000])
+    """
+
+    def __init__(self, wrapped: nn.Conv1d):
+        reason = conv_as_matmul_reason(wrapped)
+        if reason is not None:
+            raise ValueError(f"Conv1dAsMatmul: cannot compute this convolution as a matmul: {reason}")
+        super().__init__(wrapped)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.wrapped
+        if _trace.is_active():  # tiling's receptive-field analysis follows Conv1d calls
+            return conv(x)
+        unbatched = x.dim() == 2
+        left, right = resolve_padding(conv.padding, conv.kernel_size[0], conv.dilation[0], conv.stride[0])
+        out = conv1d_as_matmul(x.unsqueeze(0) if unbatched else x, conv.weight, conv.bias, conv.stride[0], left,
+                               right, conv.dilation[0])
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        return "as a matmul over its columns"
+
+
+def convs_as_matmul(model: nn.Module) -> Dict[str, Conv1dAsMatmul]:
+    """A `Conv1dAsMatmul` for every Conv1d of `model` that can be one and is not one already, by
+    name; nothing is swapped (`optimize_` measures which pay: NOTE [Convs by phases in plans])."""
+    return swappable(model, Conv1dAsMatmul, conv_as_matmul_reason)
