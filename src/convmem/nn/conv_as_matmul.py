@@ -6,16 +6,19 @@
 # convolution libraries tile poorly: the reduction per output is in_channels x kernel_size terms,
 # far under the tiles their kernels are built for. The same sums of the same products are one
 # matmul: the input, padded, is unfolded into its columns ``(batch, in_channels * kernel_size,
-# length_out)`` (an ``unfold`` view, then one copy), and ``weight.view(out, in * k) @ columns`` is
-# the output; autograd's matmul backward gives the weight's gradient as columns times the output's
-# gradient, and the input's through the unfold's backward. Only convolutions whose reduction is
-# short, ``in_channels * kernel_size <= 64``, are offered, and only where the columns are no larger
-# than the output (``in_channels * kernel_size <= out_channels``), so the bytes the matmul keeps for
-# its backward (the columns, in eager mode) are at most the output's.
-# On a GPU the matmul runs in float32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set, where
-# cuDNN convolves in TF32 by default (``torch.backends.cudnn.allow_tf32``): the sums are the same,
-# rounded less. Whether it is faster is the card's and the shape's: `optimize_` times each such conv
-# both ways (option "matmul", NOTE [Convs by phases in plans] in plan/costs.py).
+# length_out)`` (an ``unfold`` view, then one copy), and ``weight.view(out, in * k)`` applied to
+# every column is the output. That product runs as a pointwise convolution over the columns, so it
+# runs where the Conv1d would and in its precision (on a GPU cuDNN's, TF32 by default through
+# ``torch.backends.cudnn.allow_tf32``; a float32 ``torch.matmul`` would not use TF32 unless
+# ``torch.backends.cuda.matmul.allow_tf32`` is set, and on an H200 took Basenji's stem from 2.03 to
+# 3.18 ms of GPU time a forward and backward). Autograd gives the weight's gradient from the
+# columns and the output's gradient, and the input's through the unfold's backward. Only
+# convolutions whose reduction is short, ``in_channels * kernel_size <= 64``, are offered, and
+# only where the columns are no larger than the output (``in_channels * kernel_size <=
+# out_channels``), so the bytes kept for the backward (the columns, in eager mode) are at most the
+# output's. Whether it is faster is the card's and the shape's: `optimize_` times each such conv
+# both ways (option "matmul", NOTE [Convs by phases in plans] in plan/costs.py); the pointwise form
+# has not been timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -72,8 +75,9 @@ def conv1d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         columns = columns[..., ::dilation]
     # (batch, channels * kernel_size, length_out) in the weight's (channel, tap) order: the one copy
     columns = columns.permute(0, 1, 3, 2).reshape(batch, channels * kernel_size, -1)
-    out = torch.matmul(weight.reshape(out_channels, channels * kernel_size), columns)
-    return out if bias is None else out + bias.unsqueeze(-1)
+    # the matmul as a pointwise convolution: it runs where the convolution would, in its precision
+    # (cuDNN's TF32 by default on a GPU, as the Conv1d's own)
+    return F.conv1d(columns, weight.reshape(out_channels, channels * kernel_size, 1), bias)
 
 
 class Conv1dAsMatmul(ModuleWrapper):
