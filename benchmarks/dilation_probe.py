@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import os
 import statistics
 import sys
@@ -159,12 +158,7 @@ def main() -> None:
         models(rows, [m for m in args.models.split(",") if m], args.repeats, args.impls.split(","), args.rounds,
                args.compile_mode, args.host)
     finally:
-        fields = list(base) + sorted({k for r in rows for k in r})
-        with open(os.path.join(args.out_dir, "dilation_probe.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({**base, **r})
+        harness.write_rows(os.path.join(args.out_dir, "dilation_probe.csv"), base, rows)
 
 
 if __name__ == "__main__":

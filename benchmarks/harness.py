@@ -195,6 +195,17 @@ def _append(path: str, row: dict, fields: List[str] = FIELDS) -> None:
         writer.writerow(row)
 
 
+def write_rows(path: str, base: dict, rows: List[dict]) -> None:
+    """A probe's rows to a new CSV at `path`, each with `base` (the machine and commit) in front;
+    the columns are base's, then every key of any row, sorted."""
+    fields = list(base) + sorted({k for r in rows for k in r} - set(base))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**base, **row})
+
+
 def _line(row: dict) -> str:
     peak = f"{row['peak_bytes'] / 2**30:8.3f} GiB" if row.get("peak_bytes") else f"{'':>12}"
     step = f"{row['step_ms']:9.2f} ms" if row.get("step_ms") else f"{'':>12}"

@@ -13,7 +13,6 @@ judging measures a GPU that has not yet settled, and the rows are the fair proto
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -61,12 +60,8 @@ def main() -> None:
             rows.append(dict(model=args.model, phase=phase, step=index, ms=round(ms, 3), sm_clock_before=clock))
         print(f"{phase:14s} clock before {clock} MHz, after {sm_clock()} MHz: "
               + " ".join(f"{ms:.2f}" for ms in times), flush=True)
-    base = harness.row_base("timing_drift_probe", "default")
-    with open(os.path.join(args.out_dir, "timing_drift_probe.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(base) + list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**base, **row})
+    harness.write_rows(os.path.join(args.out_dir, "timing_drift_probe.csv"),
+                       harness.row_base("timing_drift_probe", "default"), rows)
 
 
 if __name__ == "__main__":

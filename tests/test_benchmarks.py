@@ -41,6 +41,20 @@ def test_optimize_bench_rejects_unknown_anchors(tmp_path):
     assert done.returncode == 2 and "unknown anchors ['eager_fp64']" in done.stderr
 
 
+def test_optimize_bench_plans_at_the_share_of_the_anchor_asked_for(tmp_path):
+    done = _optimize_bench(str(tmp_path), "--device", "cpu", "--size", "small", "--models", "tcn", "--repeats", "1",
+                           "--anchors", "torch_checkpoint_blocks", "--match", "torch_checkpoint_blocks",
+                           "--budgets", "", "--no-floor", "--match-share", "0.999")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "optimize.csv") as f:
+        rows = {r["strategy"]: r for r in csv.DictReader(f)}
+    anchor = int(rows["torch_checkpoint_blocks"]["peak_bytes"])
+    assert int(rows["convmem_at_torch_checkpoint_blocks"]["budget_bytes"]) == int(0.999 * anchor)
+    for share in ("0", "1.5"):
+        done = _optimize_bench(str(tmp_path / share), "--device", "cpu", "--match-share", share)
+        assert done.returncode == 2 and "--match-share must be in (0, 1]" in done.stderr
+
+
 def test_report_renders_every_section_from_the_committed_results():
     import report
 
@@ -146,6 +160,30 @@ def test_the_plan_probe_refuses_a_plan_it_cannot_read_before_measuring_anything(
         done = _plan_probe(tmp_path, "--anchor", "torch_checkpoint_blocks", "--plans", plans)
         assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "plan_probe.csv").exists()
+
+
+def test_the_plan_probe_computes_as_conv2d_only_the_convs_named(tmp_path):
+    done = _plan_probe(tmp_path, "--plans", "keep", "--conv2d", "yes", "--conv2d-only",
+                       "conv_layers.1.,conv_layers.2.")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "plan_probe.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["conv2d"] == "2 convs" and row["status"] == "ok"
+    done = _plan_probe(tmp_path / "none", "--plans", "keep", "--conv2d", "yes", "--conv2d-only", "trunk.")
+    assert done.returncode == 2 and "names no Conv1d of w2v2_fe" in done.stderr
+
+
+def test_probe_rows_are_written_with_the_machine_in_front_and_every_column(tmp_path):
+    import harness
+
+    path = tmp_path / "probe.csv"
+    harness.write_rows(str(path), {"bench": "probe", "device": "cpu"}, [{"ms": 1.5, "model": "tcn"}, {"phase": "b"}])
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["bench", "device", "model", "ms", "phase"]
+    assert rows == [{"bench": "probe", "device": "cpu", "model": "tcn", "ms": "1.5", "phase": ""},
+                    {"bench": "probe", "device": "cpu", "model": "", "ms": "", "phase": "b"}]
 
 
 def test_the_plan_probe_measures_each_plan_in_each_layout_beside_its_anchor(tmp_path):
