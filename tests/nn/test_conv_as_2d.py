@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 import convmem
-from _compare import assert_same_step, seeded_randn, twin
+from _compare import assert_conv_swaps_exact, seeded_randn
 from convmem.nn import Conv1dAs2d
 from convmem.nn.conv_as_2d import conv_as_2d_reason, convs_as_2d
-from convmem.strategies._common import swap_modules
 
 # in, out, kernel, stride, padding, dilation, groups, bias
 GEOMETRIES = [
@@ -49,17 +48,8 @@ def test_unbatched_input():
 
 
 def test_in_a_zoo_model_exact_keys_unchanged_and_restored():
-    model = convmem.zoo.get("w2v2_fe", "small", dtype=torch.float64, length=800)
-    reference = twin(model.model)
-    keys = list(model.model.state_dict())
-    swaps = convs_as_2d(model.model)
-    assert len(swaps) == 7 and all(type(m) is Conv1dAs2d for m in swaps.values())
-    swap_modules(model.model, swaps)
-    assert list(model.model.state_dict()) == keys
-    assert convs_as_2d(model.model) == {}  # each runs as conv2d once
-    assert_same_step(reference, model.model, model.inputs, model.loss_fn, steps=2)
-    convmem.restore_(model.model)
-    assert not any(isinstance(m, Conv1dAs2d) for m in model.model.modules())
+    entry = convmem.zoo.get("w2v2_fe", "small", dtype=torch.float64, length=800)
+    assert_conv_swaps_exact(entry, convs_as_2d, Conv1dAs2d, count=7)
 
 
 def test_refuses_what_it_cannot_compute_and_names_why():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convmem
-from _compare import assert_same_step, seeded_randn, twin
+from _compare import assert_conv_swaps_exact, assert_same_step, seeded_randn, twin
 from convmem.nn import Conv1dAsMatmul, Tiled
 from convmem.nn.conv_as_matmul import conv1d_as_matmul, conv_as_matmul_reason, convs_as_matmul
 from convmem.strategies._common import swap_modules
@@ -75,17 +75,7 @@ def test_non_contiguous_and_unbatched_inputs():
 @pytest.mark.parametrize("name", ["basenji", "tcn", "wavenet", "w2v2_fe"])
 def test_in_zoo_models_exact_keys_unchanged_and_restored(name):
     # each of these has a first conv with few input channels (one to four)
-    entry = convmem.zoo.get(name, "small", dtype=torch.float64)
-    reference = twin(entry.model)
-    keys = list(entry.model.state_dict())
-    swaps = convs_as_matmul(entry.model)
-    assert swaps and all(type(m) is Conv1dAsMatmul for m in swaps.values())
-    swap_modules(entry.model, swaps)
-    assert list(entry.model.state_dict()) == keys
-    assert convs_as_matmul(entry.model) == {}  # each is swapped once
-    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
-    convmem.restore_(entry.model)
-    assert not any(isinstance(m, Conv1dAsMatmul) for m in entry.model.modules())
+    assert_conv_swaps_exact(convmem.zoo.get(name, "small", dtype=torch.float64), convs_as_matmul, Conv1dAsMatmul)
 
 
 def test_tiled_block_traces_its_convs_plainly_and_stays_exact():

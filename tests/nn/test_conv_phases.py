@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convmem
-from _compare import assert_same_step, seeded_randn, twin
+from _compare import assert_conv_swaps_exact, assert_same_step, seeded_randn, twin
 from convmem.nn import Conv1dByPhases, Tiled
 from convmem.nn.conv_phases import conv_by_phases, conv_by_phases_reason, convs_by_phases
 from convmem.strategies._common import swap_modules
@@ -64,17 +64,7 @@ def test_non_contiguous_and_unbatched_inputs():
 
 @pytest.mark.parametrize("name", ["tcn", "wavenet", "basenji", "convtasnet"])
 def test_in_zoo_models_exact_keys_unchanged_and_restored(name):
-    entry = convmem.zoo.get(name, "small", dtype=torch.float64)
-    reference = twin(entry.model)
-    keys = list(entry.model.state_dict())
-    swaps = convs_by_phases(entry.model)
-    assert swaps and all(type(m) is Conv1dByPhases for m in swaps.values())
-    swap_modules(entry.model, swaps)
-    assert list(entry.model.state_dict()) == keys
-    assert convs_by_phases(entry.model) == {}  # each runs by phases once
-    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
-    convmem.restore_(entry.model)
-    assert not any(isinstance(m, Conv1dByPhases) for m in entry.model.modules())
+    assert_conv_swaps_exact(convmem.zoo.get(name, "small", dtype=torch.float64), convs_by_phases, Conv1dByPhases)
 
 
 def test_tiled_block_traces_its_convs_plainly_and_stays_exact():
