@@ -58,11 +58,13 @@
 # conv module's k=31 convs measured 1.00 ms with PyTorch and 1.04 on the kernel (not chosen); by
 # GPU time 0.87 against 0.43 (H200). In a model that host time hides behind other kernels or, under
 # CUDA graphs, is gone -- or, in a compiled step that is host-bound, is what the step costs: the
-# Conformer stack compiled in default mode took 29.8 ms with its convs on the kernel against 23.9.
+# Conformer stack compiled in default mode took 29.8 ms with its convs on the kernel against 23.9
+# while the kernels ran inside opaque custom ops (20.2 against 24.6 since Inductor launches them).
 # So for compiled plans the timing only proposes: `optimize_` judges the untouched model compiled
 # (in the plan's mode) with the swapped convolutions and without them (two more compilations) and
 # plans with them only when they measured faster (the costs stay as taken); under CUDA graphs the
-# Conformer stack measured 15.8 ms with them against 22.7.
+# Conformer stack measured 15.8 ms with them against 22.7, and Conv-TasNet's in default mode 28.7
+# against 49.8 with Inductor launching the kernels.
 # Option "matmul" is a third way, for a Conv1d with few input channels (`Conv1dAsMatmul`: its
 # columns no larger than its output, NOTE [Conv1d as a matmul] in nn/conv_as_matmul.py), timed and
 # judged the same way; a conv that more than one way can run takes the fastest.
