@@ -72,11 +72,10 @@ def tiling_table() -> str:
 
 def _plan_text(note: str) -> str:
     """'checkpointx1+checkpointx1+keepx1' -> 'checkpoint x2, keep': runs of one option grouped; the
-    plan's compact max-pools, convs as conv2d and convs by phases ('; 7 max-pools compact') follow in
-    brackets."""
+    plan's modules swapped, counted ('; 7 max-pools compact', '; 1 Conv1d as a matmul'), follow in
+    brackets: the note's fields that start with a number (the bench's labels, benchmarks/optimize.py)."""
     fields = note.split("; ")
-    extras = [f for f in fields if f.endswith(("max-pools compact", "Conv1d as conv2d", "Conv1d by phases",
-                                                "Conv1d on the depthwise kernel"))]
+    extras = [f for f in fields if f.split(" ", 1)[0].isdigit()]
     tokens = [f for f in fields if f not in extras][-1].split("+")
     groups = []
     for token in tokens:

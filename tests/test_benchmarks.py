@@ -63,6 +63,16 @@ def test_report_renders_every_section_from_the_committed_results():
     assert re.search(r"Dominated: \d+ of \d+ anchors\.", report.dominance_table())
 
 
+def test_plan_text_groups_the_options_and_brackets_every_swap_the_bench_labels():
+    import report
+
+    note = ("budget 1 B; predicted 2 B, extra 3.0 ms (measured on X); judged 4 B at 5.00 ms; planned in 6 s; "
+            "checkpointx1+checkpointx1+keepx1; 7 max-pools compact; 16 Conv1d on the depthwise kernel; "
+            "1 Conv1d as a matmul")
+    assert report._plan_text(note) == ("checkpoint x2, keep (7 max-pools compact, 16 Conv1d on the depthwise kernel, "
+                                       "1 Conv1d as a matmul)")
+
+
 def test_an_fp32_anchor_is_met_only_by_exact_fp32_plans():
     import report
 
