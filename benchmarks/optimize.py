@@ -62,6 +62,10 @@ COMPILE_OPTIONS = ("selective", "checkpoint", "pool", "conv2d", "chunk", "offloa
                    "matmul")
 FIELDS = harness.FIELDS + ["regime", "budget_bytes"]
 ANCHORS = {**strategies.ANCHORS, **strategies.COMPILE_ANCHORS}
+# what a row's note calls the modules a plan swaps, by Plan field (report.py brackets them): NOTE
+# [Compact max-pools in plans], [Conv layouts in compiled plans], [Convs by phases in plans]
+SWAP_LABELS = {"pools": "max-pools compact", "convs_2d": "Conv1d as conv2d", "convs_by_phases": "Conv1d by phases",
+               "convs_depthwise": "Conv1d on the depthwise kernel", "convs_as_matmul": "Conv1d as a matmul"}
 MATCH_SHARE = 0.99  # a matched plan's budget: this share of its anchor's measured peak (--match-share)
 
 
@@ -185,16 +189,8 @@ def bench_model(name, args, base, out_csv, deadline):
             row["estimate_bytes"] = plan.estimated_peak_bytes
             row["estimate_error_pct"] = round((plan.estimated_peak_bytes - row["peak_bytes"]) / row["peak_bytes"] * 100, 2)
             labels = "+".join(f"{s.label}x{s.stop - s.start}" for s in plan.segments)
-            if plan.pools:  # NOTE [Compact max-pools in plans]
-                labels += f"; {len(plan.pools)} max-pools compact"
-            if plan.convs_2d:  # NOTE [Conv layouts in compiled plans]
-                labels += f"; {len(plan.convs_2d)} Conv1d as conv2d"
-            if plan.convs_by_phases:  # NOTE [Convs by phases in plans]
-                labels += f"; {len(plan.convs_by_phases)} Conv1d by phases"
-            if plan.convs_depthwise:
-                labels += f"; {len(plan.convs_depthwise)} Conv1d on the depthwise kernel"
-            if plan.convs_as_matmul:
-                labels += f"; {len(plan.convs_as_matmul)} Conv1d as a matmul"
+            swapped = plan.swapped_modules()
+            labels += "".join(f"; {len(names)} {SWAP_LABELS[field]}" for field, names in swapped.items() if names)
             # what optimize_ measured when it judged the plan, beside this row's own measurement: on an
             # H200 the judging timed compiled plans 0.3-0.9 ms faster than their rows (runs 42, 43, 45 and
             # 46; 4-5 ms on host-bound convtasnet, runs 41 and 44), for reasons not yet traced

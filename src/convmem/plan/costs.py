@@ -186,6 +186,10 @@ class ChainCosts:
     depthwise: List[str] = dataclasses.field(default_factory=list)  # ... on convmem's depthwise kernel
     matmul: List[str] = dataclasses.field(default_factory=list)  # ... as a matmul over their columns
 
+    def swapped_convs(self) -> Dict[str, List[str]]:
+        """The Conv1ds these costs were taken with swapped, per option of `FASTER_CONVS`."""
+        return {option: list(getattr(self, field)) for option, field, _, _ in _FASTER}
+
     def scale(self, length: int) -> float:
         return length / self.length
 
@@ -444,22 +448,21 @@ def chain_costs(model: nn.Module, inputs: Sequence[Any], loss_fn: Optional[LossF
     faster = {}  # NOTE [Convs by phases in plans]
     if set(FASTER_CONVS) & set(allow) and (measure_times if measure_times is not None else _on_cuda(model, inputs)):
         faster = faster_convs(model, inputs, autocast, allow, progress or (lambda text: None))
-    phased, depthwise, matmul = (faster.get(option, {}) for option in FASTER_CONVS)
-    if not pools and not phased and not depthwise and not matmul:
+    convs = {name: wrapper for chosen in faster.values() for name, wrapper in chosen.items()}
+    if not pools and not convs:
         return _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     # NOTE [Compact max-pools in plans], NOTE [Convs by phases in plans]: every option is costed
     # with them; the untouched model's estimate stays what budgets are fractions of.
     untouched = estimate_step(meta_clone(model), to_meta(tuple(inputs)), loss_fn, autocast_dtype=autocast)
-    undo = swap_modules(model, {**pools, **phased, **depthwise, **matmul})
+    undo = swap_modules(model, {**pools, **convs})
     try:
         costs = _chain_costs(model, blocks, inputs, loss_fn, allow, autocast, measure_times, progress)
     finally:
         undo()
     costs.eager_peak = untouched.peak_bytes
     costs.pools = sorted(pools)
-    costs.phased = sorted(phased)
-    costs.depthwise = sorted(depthwise)
-    costs.matmul = sorted(matmul)
+    for option, field, _, _ in _FASTER:
+        setattr(costs, field, sorted(faster.get(option, {})))
     calls = _first_calls(untouched.calls)
     for it in costs.items:
         it.kept_untouched = inclusive_kept(calls[it.name]) if it.name in calls else None
@@ -471,7 +474,8 @@ def _on_cuda(model: nn.Module, inputs: Sequence[Any]) -> bool:
 
 
 # The convolutions `faster_convs` may swap, each a way of computing the same sums: its option name,
-# what to call it in the progress lines, and the wrapper of a conv (or None where it cannot run it).
+# the ChainCosts field naming the Conv1ds swapped so, what to call it in the progress lines, and the
+# wrapper of a conv (or None where it cannot run it).
 def _by_phases(conv: nn.Module, device: torch.device) -> Optional[nn.Module]:
     return Conv1dByPhases(conv) if conv_by_phases_reason(conv) is None else None
 
@@ -485,9 +489,10 @@ def _as_matmul(conv: nn.Module, device: torch.device) -> Optional[nn.Module]:
     return Conv1dAsMatmul(conv) if conv_as_matmul_reason(conv) is None else None
 
 
-_FASTER = (("phases", "by phases", _by_phases), ("depthwise", "on convmem's depthwise kernel", _on_the_kernel),
-           ("matmul", "as a matmul", _as_matmul))
-FASTER_CONVS = tuple(option for option, _, _ in _FASTER)  # options that swap Conv1ds where they measured faster
+_FASTER = (("phases", "phased", "by phases", _by_phases),
+           ("depthwise", "depthwise", "on convmem's depthwise kernel", _on_the_kernel),
+           ("matmul", "matmul", "as a matmul", _as_matmul))
+FASTER_CONVS = tuple(option for option, *_ in _FASTER)  # options that swap Conv1ds where they measured faster
 
 
 def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[torch.dtype], allow: Sequence[str],
@@ -498,7 +503,7 @@ def faster_convs(model: nn.Module, inputs: Sequence[Any], autocast: Optional[tor
     Each convolution's forward and backward is timed at the input it sees in one forward of
     `inputs`, as it is and each way it can run, by the GPU's time alone (NOTE [GPU time alone] in
     plan/timing.py); it takes the fastest way where that is at least 3% faster than as it is."""
-    ways = {option: (words, wrap) for option, words, wrap in _FASTER if option in allow}
+    ways = {option: (words, wrap) for option, _, words, wrap in _FASTER if option in allow}
     device = model_device(model, inputs)
     candidates = {name: m for name, m in model.named_modules() if type(m) is nn.Conv1d
                   and any(wrap(m, device) is not None for _, wrap in ways.values())}

@@ -2,8 +2,8 @@
 
 A `Plan` is data: it names the model's blocks and, per run of blocks, the option chosen (keep,
 selective, checkpoint, offload, tile at a length), the max-pools it runs compact, the Conv1ds it
-computes as conv2d, the dilated ones it computes by phases and the depthwise ones it runs on convmem's
-kernel. It round-trips through `to_dict`/`from_dict` (JSON-safe) and
+computes as conv2d, the dilated ones it computes by phases, the depthwise ones it runs on convmem's
+kernel and those with few input channels it computes as a matmul. It round-trips through `to_dict`/`from_dict` (JSON-safe) and
 `convmem.apply_(model, plan)` puts it on a fresh instance of the same model, so a plan made once, on
 a profiling machine, is used in a training script.
 
@@ -52,6 +52,8 @@ _SWAPS = (
      FusedDepthwiseConv1d.from_conv1d, "on the depthwise kernel"),
     ("convs_as_matmul", "computes the Conv1d {!r} as a matmul", conv_as_matmul_reason, Conv1dAsMatmul, "as a matmul"),
 )
+# the Plan field of the Conv1ds each option of costs.FASTER_CONVS swaps (NOTE [Convs by phases in plans])
+CONV_FIELDS = {"phases": "convs_by_phases", "depthwise": "convs_depthwise", "matmul": "convs_as_matmul"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +150,9 @@ class Plan:
         if self.convs_as_matmul:
             lines.append(f"  {len(self.convs_as_matmul)} Conv1d with few input channels computed as one matmul over "
                          "their unfolded input (their forward and backward measured faster so)")
-        proposed = (self.costs.phased + self.costs.depthwise + self.costs.matmul) if self.costs else []
-        left = [n for n in proposed if n not in self.convs_by_phases + self.convs_depthwise + self.convs_as_matmul]
+        proposed = [n for names in self.costs.swapped_convs().values() for n in names] if self.costs else []
+        swapped = {n for field in CONV_FIELDS.values() for n in getattr(self, field)}
+        left = [n for n in proposed if n not in swapped]
         if self.compiled and left:  # NOTE [Convs by phases in plans]: the compiled step decided
             graphs = ("" if self.measured_compile_mode == "reduce-overhead" else
                       "; under CUDA graphs (compiled='reduce-overhead') the host time would not count")
@@ -183,6 +186,11 @@ class Plan:
         return self.explain()
 
     # ------------------------------------------------------------------ data
+    def swapped_modules(self) -> Dict[str, List[str]]:
+        """The names of the modules the plan swaps inside the blocks, by its field of each kind, in
+        `_SWAPS` order (pools, convs_2d, then CONV_FIELDS')."""
+        return {field: list(getattr(self, field)) for field, *_ in _SWAPS}
+
     def to_dict(self) -> Dict[str, Any]:
         data = dataclasses.asdict(self)
         data["version"] = _VERSION

@@ -137,7 +137,7 @@ from .._units import format_bytes, parse_bytes
 from ..nn._wrapper import ModuleWrapper, restore_
 from ..nn.conv_as_2d import convs_as_2d
 from ..plan.costs import LOSSY_OPTIONS, OPTIONS, ChainCosts, chain_costs
-from ..plan.plan import ISLAND_OPTIONS, Plan, PlanSegment, apply_, structure_of
+from ..plan.plan import CONV_FIELDS, ISLAND_OPTIONS, Plan, PlanSegment, apply_, structure_of
 from ..plan.solver import ChainProblem, min_peak, solve
 from ..profile.estimate import estimate_step, to_meta
 from ..profile.step import LossFn
@@ -326,7 +326,7 @@ def optimize_(
     if costs.pools and "pool" not in allowed:
         raise ValueError(f"{_STRATEGY}: these costs were taken with the model's max-pools compact (option 'pool', "
                          "NOTE [Compact max-pools in plans]); allow 'pool' or let optimize_ measure the costs again")
-    for option, swapped in (("phases", costs.phased), ("depthwise", costs.depthwise), ("matmul", costs.matmul)):
+    for option, swapped in costs.swapped_convs().items():
         if swapped and option not in allowed:
             raise ValueError(f"{_STRATEGY}: these costs were taken with Conv1ds swapped by option {option!r} (NOTE "
                              f"[Convs by phases in plans]); allow {option!r} or let optimize_ measure the costs again")
@@ -344,7 +344,7 @@ def optimize_(
 
     layout: List[str] = []  # NOTE [Conv layouts in compiled plans]: the Conv1ds computed as conv2d
     # NOTE [Convs by phases in plans]: the Conv1ds each of FASTER_CONVS swaps
-    swapped = {"phases": list(costs.phased), "depthwise": list(costs.depthwise), "matmul": list(costs.matmul)}
+    swapped = costs.swapped_convs()
 
     def swapped_convs() -> List[str]:
         return [n for convs in swapped.values() for n in convs]
@@ -353,6 +353,7 @@ def optimize_(
         # NOTE [Compact max-pools in plans]: a budget the untouched model meets leaves it untouched
         untouched = eager_peak <= target and all(c.option == "keep" for c in solution.segments)
         tiled = [n for c in solution.segments if c.option == "tile" for n in names[c.start:c.stop]]
+        taken = set(swapped_convs())  # a Conv1d runs one way
         return Plan(
             model=type(model).__name__, items=names, chain=costs.chain,
             segments=[PlanSegment.from_choice(c) for c in solution.segments], budget_bytes=target,
@@ -363,10 +364,9 @@ def optimize_(
             pools=[] if untouched else list(costs.pools),
             convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
                       if not any(n.startswith(t + ".") for t in tiled)
-                      and n not in swapped_convs()],
-            convs_by_phases=list(swapped["phases"]),  # NOTE [Convs by phases in plans]
-            convs_depthwise=list(swapped["depthwise"]),
-            convs_as_matmul=list(swapped["matmul"]),
+                      and n not in taken],
+            # NOTE [Convs by phases in plans]
+            **{field: list(swapped[option]) for option, field in CONV_FIELDS.items()},
             compiled=compiled,  # NOTE [Compiled chunks]
         )
 
@@ -654,9 +654,8 @@ def _layout(segments) -> Tuple:
 
 
 def _plan_key(plan: Plan) -> Tuple:
-    """What makes two plans the same step: the blocks' options, the compact pools, the conv layouts."""
-    return (_layout(plan.segments), tuple(plan.pools), tuple(plan.convs_2d), tuple(plan.convs_by_phases),
-            tuple(plan.convs_depthwise), tuple(plan.convs_as_matmul))
+    """What makes two plans the same step: the blocks' options and the modules swapped inside them."""
+    return (_layout(plan.segments),) + tuple(tuple(names) for names in plan.swapped_modules().values())
 
 
 _MEASUREMENTS = ("estimated_peak_bytes", "measured_peak_bytes", "measured_step_s", "measured_compiled",
