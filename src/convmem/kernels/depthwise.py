@@ -63,8 +63,8 @@ channel ``o`` reads input channel ``o // multiplier``), as ``nn.Conv1d`` with ``
 # are, and the backward op is the autograd rule of the forward one (registered with
 # `register_autograd`), saving x, the weight and the bias, as the eager autograd function does.
 # Where the kernels cannot run (no Triton, the CPU without the interpreter) the ops compute the
-# reference and its gradients. That is how the ops run under Triton's interpreter (its kernels are
-# not traceable) and on torch < 2.6; there, on an H200 (benchmarks/dilation_probe.py --impls
+# reference and its gradients. These opaque ops are the path under Triton's interpreter (its
+# kernels are not traceable) and on torch < 2.6; through them, on an H200 (benchmarks/dilation_probe.py --impls
 # depthwise, commit 6e00904), the Conformer conv module compiled with its 16 depthwise convs on the
 # kernel spent 15.0 ms a step in GPU kernels against 21.8 with cuDNN's, yet stepped in 29.8 ms
 # against 23.9: the host time of a forward and backward through the Python ops is about three
@@ -344,6 +344,11 @@ def _depthwise_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     else:
         grads = _reference_backward(x, weight, bias, grad_out, stride, left, right, dilation, activation or None,
                                     need_x, need_w, need_b)
+    return _op_gradients(grads, x)
+
+
+def _op_gradients(grads, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A backward op's outputs: an op returns tensors, so an empty one stands for a gradient not needed."""
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -426,7 +431,7 @@ if _TRITON_OPS:
         """`_depthwise_backward_op` with its kernels visible to Inductor."""
         grads = _backward(x, weight, bias, grad_out, stride, left, right, dilation, activation or None,
                           need_x, need_w, need_b, launch=torch.library.wrap_triton)
-        return tuple(g if g is not None else x.new_empty(0) for g in grads)
+        return _op_gradients(grads, x)
 
     _depthwise_triton_op.register_autograd(_gradients_by(_depthwise_triton_backward_op),
                                            setup_context=_depthwise_op_context)
