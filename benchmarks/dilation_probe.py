@@ -68,12 +68,15 @@ def micro(rows, repeats: int) -> None:
             g = torch.randn(batch, cout, length, device="cuda")
             ref = F.conv1d(x.double(), w.double(), b.double(), 1, p, d)
             for impl in ("conv1d", "phases"):
+                def forward():
+                    return F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else conv_by_phases(x, w, b, d, p)
+
                 def step():
-                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else conv_by_phases(x, w, b, d, p)
+                    y = forward()
                     y.backward(g)
                     return y
                 with torch.no_grad():
-                    y = F.conv1d(x, w, b, 1, p, d) if impl == "conv1d" else conv_by_phases(x, w, b, d, p)
+                    y = forward()
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 for _ in range(3):
                     step()
@@ -95,7 +98,8 @@ def kernel_table(prepared, steps: int = 2, top: int = 12) -> str:
 
 def swap(model: nn.Module, impl: str) -> int:
     """`impl`'s convolutions swapped in; how many. "depthwise": every depthwise Conv1d on convmem's
-    Triton kernel (`fuse_` without chains, pools or activations), compiled as its custom ops."""
+    Triton kernel (`fuse_` without chains, pools or activations; compiled, NOTE [Depthwise under
+    torch.compile])."""
     if impl == "depthwise":
         convmem.fuse_(model, activations=False, norm_act_conv=False, pools=False)
         return sum(type(m).__name__ == "FusedDepthwiseConv1d" for m in model.modules())

@@ -10,9 +10,9 @@ they run, without the planner in the way: each plan is written block by block (`
 named are kept), applied with `convmem.apply_` to a fresh model, compiled and measured the way the
 optimize bench measures its rows (benchmarks/harness.py). ``--conv2d`` runs each plan with the
 model's Conv1ds as they are, as conv2d (NOTE [Conv layouts in compiled plans]), or both
-(``--conv2d-only`` names the convs by prefix); ``--chunks``
-runs the chunked blocks' modules compiled on their own, as `optimize_`'s compiled plans do (NOTE
-[Compiled chunks] in convmem/nn/batch_chunked.py), eagerly, or both. Rows go to
+(``--conv2d-only`` names the convs by prefix); ``--chunks`` runs the chunked blocks' modules
+compiled on their own, as `optimize_`'s compiled plans do (NOTE [Compiled chunks] in
+convmem/nn/batch_chunked.py), eagerly, or both. Rows go to
 OUT_DIR/plan_probe.csv; the probe informs the planner's design and is not a plan of `optimize_`, so
 docs/BENCHMARKS.md reports its rows apart from the optimize bench's.
 """
