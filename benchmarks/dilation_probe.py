@@ -21,7 +21,8 @@ where the dilation did not divide the length, which no zoo length here is).
 
 ``--impls depthwise`` measures the same way every depthwise Conv1d on convmem's Triton kernel
 (NOTE [Depthwise under torch.compile]); ``--compile-mode reduce-overhead`` compiles with CUDA graphs,
-where the kernel's host time would not count (the Conformer lead, docs/BENCHMARKS.md).
+where the kernel's host time would not count (the Conformer lead, docs/BENCHMARKS.md). ``--impls
+matmul`` computes every Conv1d with few input channels as one matmul (Basenji's stem).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from strategies import Prepared  # noqa: E402
 
 import convmem  # noqa: E402
 from convmem import zoo  # noqa: E402
+from convmem.nn.conv_as_matmul import convs_as_matmul  # noqa: E402
 from convmem.nn.conv_phases import conv_by_phases, convs_by_phases  # noqa: E402
 from convmem.strategies._common import swap_modules  # noqa: E402
 
@@ -99,7 +101,12 @@ def kernel_table(prepared, steps: int = 2, top: int = 12) -> str:
 def swap(model: nn.Module, impl: str) -> int:
     """`impl`'s convolutions swapped in; how many. "depthwise": every depthwise Conv1d on convmem's
     Triton kernel (`fuse_` without chains, pools or activations; compiled, NOTE [Depthwise under
-    torch.compile])."""
+    torch.compile]); "matmul": every Conv1d with few input channels as one matmul (NOTE [Conv1d as a
+    matmul])."""
+    if impl == "matmul":
+        swaps = convs_as_matmul(model)
+        swap_modules(model, swaps)
+        return len(swaps)
     if impl == "depthwise":
         convmem.fuse_(model, activations=False, norm_act_conv=False, pools=False)
         return sum(type(m).__name__ == "FusedDepthwiseConv1d" for m in model.modules())
@@ -146,7 +153,7 @@ def main() -> None:
     parser.add_argument("--models", default="tcn,wavenet")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-micro", action="store_true")
-    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise")
+    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile-mode", choices=("reduce-overhead",),
                         help="compiled rows in this mode (CUDA graphs: their pool counts in the peak)")
