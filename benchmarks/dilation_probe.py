@@ -123,9 +123,7 @@ def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rou
                     entry = zoo.get(name, size="default", device="cuda")
                     swapped = swap(entry.model, impl)
                     torch._dynamo.utils.counters.clear()
-                    # "cpp_wrapper": Inductor's generated host code in C++ instead of Python (an option, not a mode)
-                    how = dict(options={"cpp_wrapper": True}) if compile_mode == "cpp_wrapper" else dict(mode=compile_mode)
-                    forward = torch.compile(entry.model, **how) if mode == "compile" else entry.model
+                    forward = torch.compile(entry.model, mode=compile_mode) if mode == "compile" else entry.model
                     prepared = Prepared(entry.model, entry.inputs, entry.loss_fn, forward=forward,
                                         warmup_steps=3)
                     result = harness.measure_strategy(entry, prepared, repeats, torch.device("cuda"))
@@ -157,9 +155,8 @@ def main() -> None:
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--compile-mode", choices=("reduce-overhead", "cpp_wrapper"),
-                        help="compiled rows in this mode (reduce-overhead: CUDA graphs, their pool counts in the "
-                             "peak; cpp_wrapper: Inductor's option, its host code in C++)")
+    parser.add_argument("--compile-mode", choices=("reduce-overhead",),
+                        help="compiled rows in this mode (CUDA graphs: their pool counts in the peak)")
     parser.add_argument("--host", action="store_true",
                         help="with each compiled kernel table, the ops taking the step's host time")
     args = parser.parse_args()
