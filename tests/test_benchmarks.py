@@ -208,3 +208,29 @@ def test_the_plan_probe_measures_each_plan_in_each_layout_beside_its_anchor(tmp_
         ("probe_compiled", plan, "False", "True"), ("probe_compiled", plan, "True", "False"),
         ("probe_compiled", plan, "True", "True")]
     assert all(r["status"] == "ok" and float(r["step_ms"]) > 0 for r in rows)
+
+
+def test_the_plan_probe_measures_anchors_and_plans_in_turn_with_the_swaps_asked_for(tmp_path):
+    done = _plan_probe(tmp_path, "--anchor", "torch_checkpoint_blocks,eager_fp32", "--plans", "checkpoint*2",
+                       "--conv2d", "no", "--swaps", "matmul,pools", "--rounds", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "plan_probe.csv") as f:
+        rows = list(csv.DictReader(f))
+    in_turn = [("torch_checkpoint_blocks", "", ""), ("eager_fp32", "", ""),
+               ("probe_compiled", "checkpoint*2", "matmul,pools")]
+    assert [(r["strategy"], r["plan"], r["swaps"]) for r in rows] == in_turn * 2
+    assert [r["round"] for r in rows] == ["0"] * 3 + ["1"] * 3
+    done = _plan_probe(tmp_path / "bad", "--plans", "keep", "--swaps", "matmul,tiles")
+    assert done.returncode == 2 and "--swaps 'tiles'" in done.stderr
+
+
+def test_the_plan_probe_swaps_each_conv_one_way_and_repeats_an_option_over_blocks():
+    import plan_probe
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv1d(2, 16, 3, dilation=2, padding=2), nn.Conv1d(16, 16, 3, dilation=2, padding=2),
+                          nn.MaxPool1d(2))
+    swaps = plan_probe.swaps_of(model, ["matmul", "phases", "pools"])
+    assert swaps == {"convs_as_matmul": ["0"], "convs_by_phases": ["1"], "pools": ["2"]}
+    segments = plan_probe.parse_plan("selective*2,checkpoint", 4)
+    assert [s.option for s in segments] == ["selective", "selective", "checkpoint", "keep"]
