@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional, Type
 
 from torch import nn
 
@@ -46,6 +46,26 @@ class ModuleWrapper(nn.Module):
         return ""
 
 
+class CheckedWrapper(ModuleWrapper):
+    """A `ModuleWrapper` for the modules its ``reason_of`` finds no reason against: the constructor
+    refuses any other, saying ``"<class>: cannot <cannot>: <reason>"``.
+
+    Subclasses set ``reason_of`` (a ``staticmethod``: module -> the reason, or None) and ``cannot``.
+    """
+
+    cannot = "wrap this module"  # what a refusal says the wrapper cannot do
+
+    @staticmethod
+    def reason_of(module: nn.Module) -> Optional[str]:  # pragma: no cover - subclasses override
+        return None
+
+    def __init__(self, wrapped: nn.Module):
+        reason = self.reason_of(wrapped)
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__}: cannot {self.cannot}: {reason}")
+        super().__init__(wrapped)
+
+
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where `model.get_submodule(name)` is; `name` may not be the root ("")."""
     if not name:
@@ -77,12 +97,12 @@ def restore_(model: nn.Module) -> nn.Module:
         replace_submodule(model, name, unwrap(model.get_submodule(name)))
 
 
-def swappable(model: nn.Module, wrapper: type, reason_of: Callable[[nn.Module], Optional[str]]) -> Dict[str, nn.Module]:
-    """A `wrapper` around every module of `model` that `reason_of` finds no reason against and that
-    no `wrapper` wraps already, by name; nothing is swapped (``swap_modules`` does that)."""
+def swappable(model: nn.Module, wrapper: Type[CheckedWrapper]) -> Dict[str, nn.Module]:
+    """A `wrapper` around every module of `model` that its ``reason_of`` finds no reason against and
+    that no `wrapper` wraps already, by name; nothing is swapped (``swap_modules`` does that)."""
     inside = {id(m.wrapped) for m in model.modules() if isinstance(m, wrapper)}
     return {name: wrapper(module) for name, module in model.named_modules()
-            if name and id(module) not in inside and reason_of(module) is None}
+            if name and id(module) not in inside and wrapper.reason_of(module) is None}
 
 
 def wrapper_state(model: nn.Module) -> Dict[str, str]:

@@ -36,7 +36,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ._wrapper import ModuleWrapper, swappable
+from ._wrapper import CheckedWrapper, swappable
 
 __all__ = ["CompactMaxPool1d", "compact_pool_reason", "compact_pools"]
 
@@ -140,7 +140,7 @@ def _spread_over_windows(grad: torch.Tensor, offsets: torch.Tensor, length: int,
     return torch.nn.functional.pad(spread, (-padding, length - covered))  # negative: cut the padding
 
 
-class CompactMaxPool1d(ModuleWrapper):
+class CompactMaxPool1d(CheckedWrapper):
     """An ``nn.MaxPool1d`` whose training step keeps an int8 window offset per output instead of its
     input and int64 indices (NOTE [Compact max-pool]); same outputs and gradients.
 
@@ -150,11 +150,8 @@ class CompactMaxPool1d(ModuleWrapper):
         >>> convmem.fuse_(model)   # swaps every max-pool it can (``pools=True``)
     """
 
-    def __init__(self, wrapped: nn.MaxPool1d):
-        reason = compact_pool_reason(wrapped)
-        if reason is not None:
-            raise ValueError(f"CompactMaxPool1d: cannot run this max-pool compactly: {reason}")
-        super().__init__(wrapped)
+    reason_of = staticmethod(compact_pool_reason)
+    cannot = "run this max-pool compactly"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pool = self.wrapped
@@ -172,4 +169,4 @@ def compact_pools(model: nn.Module) -> Dict[str, CompactMaxPool1d]:
     """A `CompactMaxPool1d` for every max-pool of `model` that can be one and is not one already, by
     name; nothing is swapped (`fuse_` swaps them, and `optimize_`: NOTE [Compact max-pools in plans]
     in plan/costs.py)."""
-    return swappable(model, CompactMaxPool1d, compact_pool_reason)
+    return swappable(model, CompactMaxPool1d)

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ._wrapper import ModuleWrapper, swappable
+from ._wrapper import CheckedWrapper, swappable
 
 __all__ = ["Conv1dAs2d", "conv_as_2d_reason", "convs_as_2d"]
 
@@ -38,7 +38,7 @@ def conv_as_2d_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
-class Conv1dAs2d(ModuleWrapper):
+class Conv1dAs2d(CheckedWrapper):
     """An ``nn.Conv1d`` computed as a conv2d over a height of one (NOTE [Conv1d as conv2d under
     torch.compile]); same outputs and gradients, parameters and state_dict keys.
 
@@ -49,11 +49,8 @@ class Conv1dAs2d(ModuleWrapper):
         torch.Size([2, 32, 100])
     """
 
-    def __init__(self, wrapped: nn.Conv1d):
-        reason = conv_as_2d_reason(wrapped)
-        if reason is not None:
-            raise ValueError(f"Conv1dAs2d: cannot compute this convolution as a conv2d: {reason}")
-        super().__init__(wrapped)
+    reason_of = staticmethod(conv_as_2d_reason)
+    cannot = "compute this convolution as a conv2d"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.wrapped
@@ -69,4 +66,4 @@ class Conv1dAs2d(ModuleWrapper):
 def convs_as_2d(model: nn.Module) -> Dict[str, Conv1dAs2d]:
     """A `Conv1dAs2d` for every Conv1d of `model` that can be one and is not one already, by name;
     nothing is swapped (`optimize_` swaps them: NOTE [Conv layouts in compiled plans])."""
-    return swappable(model, Conv1dAs2d, conv_as_2d_reason)
+    return swappable(model, Conv1dAs2d)

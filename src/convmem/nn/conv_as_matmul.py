@@ -31,7 +31,7 @@ from torch import nn
 
 from ..analysis import trace as _trace
 from ..kernels.depthwise import resolve_padding
-from ._wrapper import ModuleWrapper, swappable
+from ._wrapper import CheckedWrapper, swappable
 
 __all__ = ["Conv1dAsMatmul", "conv1d_as_matmul", "conv_as_matmul_reason", "convs_as_matmul"]
 
@@ -81,7 +81,7 @@ def conv1d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return F.conv1d(columns, weight.reshape(out_channels, channels * kernel_size, 1), bias)
 
 
-class Conv1dAsMatmul(ModuleWrapper):
+class Conv1dAsMatmul(CheckedWrapper):
     """An ``nn.Conv1d`` with few input channels computed as one matmul over its unfolded input (NOTE
     [Conv1d as a matmul]); same outputs and gradients, parameters and state_dict keys.
 
@@ -94,11 +94,8 @@ class Conv1dAsMatmul(ModuleWrapper):
         torch.Size([2, 64, 1000])
     """
 
-    def __init__(self, wrapped: nn.Conv1d):
-        reason = conv_as_matmul_reason(wrapped)
-        if reason is not None:
-            raise ValueError(f"Conv1dAsMatmul: cannot compute this convolution as a matmul: {reason}")
-        super().__init__(wrapped)
+    reason_of = staticmethod(conv_as_matmul_reason)
+    cannot = "compute this convolution as a matmul"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.wrapped
@@ -117,4 +114,4 @@ class Conv1dAsMatmul(ModuleWrapper):
 def convs_as_matmul(model: nn.Module) -> Dict[str, Conv1dAsMatmul]:
     """A `Conv1dAsMatmul` for every Conv1d of `model` that can be one and is not one already, by
     name; nothing is swapped (`optimize_` measures which pay: NOTE [Convs by phases in plans])."""
-    return swappable(model, Conv1dAsMatmul, conv_as_matmul_reason)
+    return swappable(model, Conv1dAsMatmul)

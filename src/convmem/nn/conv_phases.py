@@ -36,7 +36,7 @@ from torch import nn
 
 from ..analysis import trace as _trace
 from ..kernels.depthwise import resolve_padding
-from ._wrapper import ModuleWrapper, swappable
+from ._wrapper import CheckedWrapper, swappable
 
 __all__ = ["Conv1dByPhases", "conv_by_phases", "conv_by_phases_reason", "convs_by_phases"]
 
@@ -85,7 +85,7 @@ def conv_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out[..., :out_length] if extra else out
 
 
-class Conv1dByPhases(ModuleWrapper):
+class Conv1dByPhases(CheckedWrapper):
     """A dilated ``nn.Conv1d`` computed as an undilated conv2d over its phases (NOTE [Dilated convs
     by phases]); same outputs and gradients, parameters and state_dict keys.
 
@@ -98,11 +98,8 @@ class Conv1dByPhases(ModuleWrapper):
         torch.Size([2, 32, 100])
     """
 
-    def __init__(self, wrapped: nn.Conv1d):
-        reason = conv_by_phases_reason(wrapped)
-        if reason is not None:
-            raise ValueError(f"Conv1dByPhases: cannot compute this convolution by phases: {reason}")
-        super().__init__(wrapped)
+    reason_of = staticmethod(conv_by_phases_reason)
+    cannot = "compute this convolution by phases"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.wrapped
@@ -120,4 +117,4 @@ class Conv1dByPhases(ModuleWrapper):
 def convs_by_phases(model: nn.Module) -> Dict[str, Conv1dByPhases]:
     """A `Conv1dByPhases` for every dilated Conv1d of `model` that can be one and is not one already,
     by name; nothing is swapped (`optimize_` measures which pay: NOTE [Convs by phases in plans])."""
-    return swappable(model, Conv1dByPhases, conv_by_phases_reason)
+    return swappable(model, Conv1dByPhases)
