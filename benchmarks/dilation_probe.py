@@ -45,6 +45,7 @@ from strategies import Prepared  # noqa: E402
 
 import convmem  # noqa: E402
 from convmem import zoo  # noqa: E402
+from convmem.nn.conv_as_2d import convs_as_2d  # noqa: E402
 from convmem.nn.conv_as_matmul import convs_as_matmul  # noqa: E402
 from convmem.nn.conv_phases import conv_by_phases, convs_by_phases  # noqa: E402
 from convmem.strategies._common import swap_modules  # noqa: E402
@@ -102,7 +103,14 @@ def swap(model: nn.Module, impl: str) -> int:
     """`impl`'s convolutions swapped in; how many. "depthwise": every depthwise Conv1d on convmem's
     Triton kernel (`fuse_` without chains, pools or activations; compiled, NOTE [Depthwise under
     torch.compile]); "matmul": every Conv1d with few input channels as one matmul (NOTE [Conv1d as a
-    matmul])."""
+    matmul]); "conv2d_undilated": every undilated Conv1d of kernel > 1 and 8 or more input channels
+    as a conv2d (NOTE [Conv1d as conv2d under torch.compile])."""
+    if impl == "conv2d_undilated":  # the layout lead of docs/BENCHMARKS.md: Basenji's tower, not its stem
+        swaps = {name: wrapper for name, wrapper in convs_as_2d(model).items()
+                 if wrapper.wrapped.dilation[0] == 1 and wrapper.wrapped.kernel_size[0] > 1
+                 and wrapper.wrapped.in_channels >= 8}
+        swap_modules(model, swaps)
+        return len(swaps)
     if impl == "matmul":
         swaps = convs_as_matmul(model)
         swap_modules(model, swaps)
@@ -153,7 +161,7 @@ def main() -> None:
     parser.add_argument("--models", default="tcn,wavenet")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-micro", action="store_true")
-    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul")
+    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul,conv2d_undilated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile-mode", choices=("reduce-overhead",),
                         help="compiled rows in this mode (CUDA graphs: their pool counts in the peak)")

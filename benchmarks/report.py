@@ -142,7 +142,8 @@ def dilation_tables() -> str:
         which = {"as_is": "none", "phases": f"every dilated ({r['swapped']})",
                  "phases16": f"dilation >= 16 ({r['swapped']})",
                  "depthwise": f"none; depthwise on the kernel ({r['swapped']})",
-                 "matmul": f"none; few input channels as a matmul ({r['swapped']})"}[r["impl"]]
+                 "matmul": f"none; few input channels as a matmul ({r['swapped']})",
+                 "conv2d_undilated": f"none; undilated as conv2d ({r['swapped']})"}[r["impl"]]
         lines.append(f"| {r['model']} | {r['mode']} | {r['round']} | {which} | {float(r['peak_gib']):.3f} | "
                      f"{float(r['ms']):.1f} ({float(r['ms_min']):.1f}-{float(r['ms_max']):.1f}) |")
     commits = ", ".join(sorted({r["commit"] for r in rows}))
