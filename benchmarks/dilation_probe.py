@@ -91,7 +91,7 @@ def micro(rows, repeats: int) -> None:
                 x.grad = w.grad = b.grad = None
 
 
-def kernel_table(prepared, steps: int = 2, top: int = 12) -> str:
+def kernel_table(prepared, steps: int = 2, top: int = 20) -> str:
     """The step's GPU kernels by time (benchmarks/kernel_profile.py), as text."""
     totals = collections.Counter({name: us / 1e3 for name, us in kernel_times(prepared, steps).items()})
     lines = [f"  total {sum(totals.values()):8.2f} ms per step"]
