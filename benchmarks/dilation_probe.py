@@ -58,6 +58,22 @@ def swap_dilated(model: nn.Module, least: int = 2) -> int:
     return len(swaps)
 
 
+class _ChannelsLastConv(nn.Module):
+    """Prototype: a Conv1d as a conv2d whose input is laid out channels-last (NHWC, what cuDNN's
+    Hopper kernels read), so that compiled, the kernel producing the input writes it that way."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        c = self.conv
+        x4 = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        w4 = c.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        padding = c.padding if isinstance(c.padding, str) else (0, c.padding[0])
+        return F.conv2d(x4, w4, c.bias, (1, c.stride[0]), padding, (1, c.dilation[0]), c.groups).squeeze(2)
+
+
 def micro(rows, repeats: int) -> None:
     shapes = [("tcn", 4, 256, 256, 65536, 3, [1, 2, 4, 8, 16, 32, 64, 128], "same"),
               ("wavenet", 8, 128, 256, 16384, 2, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], "causal")]
@@ -105,6 +121,12 @@ def swap(model: nn.Module, impl: str) -> int:
     torch.compile]); "matmul": every Conv1d with few input channels as one matmul (NOTE [Conv1d as a
     matmul]); "conv2d_undilated": every undilated Conv1d of kernel > 1 and 8 or more input channels
     as a conv2d (NOTE [Conv1d as conv2d under torch.compile])."""
+    if impl == "nhwc_undilated":  # prototype: the same convs as conv2d on channels-last inputs
+        swaps = {name: _ChannelsLastConv(wrapper.wrapped) for name, wrapper in convs_as_2d(model).items()
+                 if wrapper.wrapped.dilation[0] == 1 and wrapper.wrapped.kernel_size[0] > 1
+                 and wrapper.wrapped.in_channels >= 8}
+        swap_modules(model, swaps)
+        return len(swaps)
     if impl == "conv2d_undilated":  # the layout lead of docs/BENCHMARKS.md: Basenji's tower, not its stem
         swaps = {name: wrapper for name, wrapper in convs_as_2d(model).items()
                  if wrapper.wrapped.dilation[0] == 1 and wrapper.wrapped.kernel_size[0] > 1
@@ -161,7 +183,7 @@ def main() -> None:
     parser.add_argument("--models", default="tcn,wavenet")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-micro", action="store_true")
-    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul,conv2d_undilated")
+    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul,conv2d_undilated,nhwc_undilated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile-mode", choices=("reduce-overhead",),
                         help="compiled rows in this mode (CUDA graphs: their pool counts in the peak)")
