@@ -119,12 +119,16 @@ def swap(model: nn.Module, impl: str) -> int:
     """`impl`'s convolutions swapped in; how many. "depthwise": every depthwise Conv1d on convmem's
     Triton kernel (`fuse_` without chains, pools or activations; compiled, NOTE [Depthwise under
     torch.compile]); "matmul": every Conv1d with few input channels as one matmul (NOTE [Conv1d as a
-    matmul]); "conv2d_undilated": every undilated Conv1d of kernel > 1 and 8 or more input channels
+    matmul]); "conv2d": every Conv1d as a conv2d, "conv2d_undilated": every undilated Conv1d of kernel > 1 and 8 or more input channels
     as a conv2d (NOTE [Conv1d as conv2d under torch.compile])."""
     if impl == "nhwc_undilated":  # prototype: the same convs as conv2d on channels-last inputs
         swaps = {name: _ChannelsLastConv(wrapper.wrapped) for name, wrapper in convs_as_2d(model).items()
                  if wrapper.wrapped.dilation[0] == 1 and wrapper.wrapped.kernel_size[0] > 1
                  and wrapper.wrapped.in_channels >= 8}
+        swap_modules(model, swaps)
+        return len(swaps)
+    if impl == "conv2d":
+        swaps = convs_as_2d(model)
         swap_modules(model, swaps)
         return len(swaps)
     if impl == "conv2d_undilated":  # the layout lead of docs/BENCHMARKS.md: Basenji's tower, not its stem
@@ -183,10 +187,11 @@ def main() -> None:
     parser.add_argument("--models", default="tcn,wavenet")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-micro", action="store_true")
-    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul,conv2d_undilated,nhwc_undilated")
+    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul,conv2d,conv2d_undilated,nhwc_undilated")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--compile-mode", choices=("reduce-overhead",),
-                        help="compiled rows in this mode (CUDA graphs: their pool counts in the peak)")
+    parser.add_argument("--compile-mode", choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="compiled rows in this mode (reduce-overhead: CUDA graphs, their pool counts in the peak; "
+                             "max-autotune-no-cudagraphs: Inductor times Triton templates against cuDNN per conv2d)")
     parser.add_argument("--host", action="store_true",
                         help="with each compiled kernel table, the ops taking the step's host time")
     args = parser.parse_args()

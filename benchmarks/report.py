@@ -143,6 +143,7 @@ def dilation_tables() -> str:
                  "phases16": f"dilation >= 16 ({r['swapped']})",
                  "depthwise": f"none; depthwise on the kernel ({r['swapped']})",
                  "matmul": f"none; few input channels as a matmul ({r['swapped']})",
+                 "conv2d": f"none; every Conv1d as conv2d ({r['swapped']})",
                  "conv2d_undilated": f"none; undilated as conv2d ({r['swapped']})",
                  "nhwc_undilated": f"none; undilated as channels-last conv2d ({r['swapped']})"}[r["impl"]]
         lines.append(f"| {r['model']} | {r['mode']} | {r['round']} | {which} | {float(r['peak_gib']):.3f} | "
