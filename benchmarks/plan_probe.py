@@ -182,5 +182,6 @@ def main() -> None:
             del entry
             harness.free_between_rows()
 
+
 if __name__ == "__main__":
     main()
