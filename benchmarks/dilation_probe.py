@@ -51,13 +51,6 @@ from convmem.nn.conv_phases import conv_by_phases, convs_by_phases  # noqa: E402
 from convmem.strategies._common import swap_modules  # noqa: E402
 
 
-def swap_dilated(model: nn.Module, least: int = 2) -> int:
-    """Every Conv1d of dilation `least` or more that can run by phases swapped for `Conv1dByPhases`; how many."""
-    swaps = {name: wrapper for name, wrapper in convs_by_phases(model).items() if wrapper.wrapped.dilation[0] >= least}
-    swap_modules(model, swaps)
-    return len(swaps)
-
-
 class _ChannelsLastConv(nn.Module):
     """Prototype: a Conv1d as a conv2d whose input is laid out channels-last (NHWC, what cuDNN's
     Hopper kernels read), so that compiled, the kernel producing the input writes it that way."""
@@ -115,36 +108,39 @@ def kernel_table(prepared, steps: int = 2, top: int = 20) -> str:
     return "\n".join(lines)
 
 
+def _tower(conv: nn.Conv1d) -> bool:
+    """An undilated Conv1d of kernel > 1 reading 8 channels or more: Basenji's tower, not its stem."""
+    return conv.dilation[0] == 1 and conv.kernel_size[0] > 1 and conv.in_channels >= 8
+
+
+# impl -> the modules it swaps in, by name (the layout lead of docs/BENCHMARKS.md for the conv2d ones)
+SWAPS = {
+    "phases": lambda model: convs_by_phases(model),
+    "phases16": lambda model: {n: w for n, w in convs_by_phases(model).items() if w.wrapped.dilation[0] >= 16},
+    "matmul": lambda model: convs_as_matmul(model),
+    "conv2d": lambda model: convs_as_2d(model),
+    "conv2d_undilated": lambda model: {n: w for n, w in convs_as_2d(model).items() if _tower(w.wrapped)},
+    "nhwc_undilated": lambda model: {n: _ChannelsLastConv(w.wrapped) for n, w in convs_as_2d(model).items()
+                                     if _tower(w.wrapped)},
+}
+IMPLS = ("as_is", "depthwise", *SWAPS)
+
+
 def swap(model: nn.Module, impl: str) -> int:
-    """`impl`'s convolutions swapped in; how many. "depthwise": every depthwise Conv1d on convmem's
-    Triton kernel (`fuse_` without chains, pools or activations; compiled, NOTE [Depthwise under
-    torch.compile]); "matmul": every Conv1d with few input channels as one matmul (NOTE [Conv1d as a
-    matmul]); "conv2d": every Conv1d as a conv2d, "conv2d_undilated": every undilated Conv1d of kernel > 1 and 8 or more input channels
-    as a conv2d (NOTE [Conv1d as conv2d under torch.compile])."""
-    if impl == "nhwc_undilated":  # prototype: the same convs as conv2d on channels-last inputs
-        swaps = {name: _ChannelsLastConv(wrapper.wrapped) for name, wrapper in convs_as_2d(model).items()
-                 if wrapper.wrapped.dilation[0] == 1 and wrapper.wrapped.kernel_size[0] > 1
-                 and wrapper.wrapped.in_channels >= 8}
-        swap_modules(model, swaps)
-        return len(swaps)
-    if impl == "conv2d":
-        swaps = convs_as_2d(model)
-        swap_modules(model, swaps)
-        return len(swaps)
-    if impl == "conv2d_undilated":  # the layout lead of docs/BENCHMARKS.md: Basenji's tower, not its stem
-        swaps = {name: wrapper for name, wrapper in convs_as_2d(model).items()
-                 if wrapper.wrapped.dilation[0] == 1 and wrapper.wrapped.kernel_size[0] > 1
-                 and wrapper.wrapped.in_channels >= 8}
-        swap_modules(model, swaps)
-        return len(swaps)
-    if impl == "matmul":
-        swaps = convs_as_matmul(model)
-        swap_modules(model, swaps)
-        return len(swaps)
+    """`impl`'s modules swapped in; how many. "phases"/"phases16": the dilated Conv1ds (of dilation
+    16 or more) by phases; "depthwise": every depthwise Conv1d on convmem's Triton kernel (`fuse_`
+    without chains, pools or activations; compiled, NOTE [Depthwise under torch.compile]); "matmul":
+    every Conv1d with few input channels as one matmul (NOTE [Conv1d as a matmul]); "conv2d": every
+    Conv1d as a conv2d, "conv2d_undilated" those of the tower only (`_tower`), "nhwc_undilated" those
+    on channels-last inputs (NOTE [Conv1d as conv2d under torch.compile])."""
+    if impl == "as_is":
+        return 0
     if impl == "depthwise":
         convmem.fuse_(model, activations=False, norm_act_conv=False, pools=False)
         return sum(type(m).__name__ == "FusedDepthwiseConv1d" for m in model.modules())
-    return swap_dilated(model, 16 if impl == "phases16" else 2) if impl != "as_is" else 0
+    swaps = SWAPS[impl](model)
+    swap_modules(model, swaps)
+    return len(swaps)
 
 
 def models(rows, names, repeats: int, impls=("as_is", "phases", "phases16"), rounds: int = 2,
@@ -187,14 +183,18 @@ def main() -> None:
     parser.add_argument("--models", default="tcn,wavenet")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-micro", action="store_true")
-    parser.add_argument("--impls", default="as_is,phases,phases16", help="any of as_is,phases,phases16,depthwise,matmul,conv2d,conv2d_undilated,nhwc_undilated")
+    parser.add_argument("--impls", default="as_is,phases,phases16", help=f"any of {','.join(IMPLS)}")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile-mode", choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
-                        help="compiled rows in this mode (reduce-overhead: CUDA graphs, their pool counts in the peak; "
-                             "max-autotune-no-cudagraphs: Inductor times Triton templates against cuDNN per conv2d)")
+                        help="compiled rows in this mode (reduce-overhead: CUDA graphs, their pool counts in the "
+                             "peak; max-autotune-no-cudagraphs: Inductor times its Triton templates against "
+                             "cuDNN per conv2d)")
     parser.add_argument("--host", action="store_true",
                         help="with each compiled kernel table, the ops taking the step's host time")
     args = parser.parse_args()
+    unknown = [impl for impl in args.impls.split(",") if impl not in IMPLS]
+    if unknown:
+        parser.error(f"--impls {','.join(unknown)}: choose from {','.join(IMPLS)}")
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
     base = harness.row_base("dilation_probe", "default")

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
@@ -234,3 +235,27 @@ def test_the_plan_probe_swaps_each_conv_one_way_and_repeats_an_option_over_block
     assert swaps == {"convs_as_matmul": ["0"], "convs_by_phases": ["1"], "pools": ["2"]}
     segments = plan_probe.parse_plan("selective*2,checkpoint", 4)
     assert [s.option for s in segments] == ["selective", "selective", "checkpoint", "keep"]
+
+
+def test_the_dilation_probe_swaps_what_each_implementation_names():
+    import dilation_probe
+
+    from convmem import zoo
+
+    counts = {}
+    for impl in dilation_probe.IMPLS:
+        model = zoo.get("basenji", size="small", device="meta").model
+        with warnings.catch_warnings():  # fuse_ says when it finds no depthwise conv
+            warnings.simplefilter("ignore")
+            counts[impl] = dilation_probe.swap(model, impl)
+    # 31 Conv1ds: the stem, 6 in the tower, 11 residual blocks of a dilated and a 1x1, 2 in the head;
+    # the first residual block's dilation is 1, and nothing is depthwise
+    assert counts == {"as_is": 0, "depthwise": 0, "phases": 10, "phases16": 4, "matmul": 1, "conv2d": 31,
+                      "conv2d_undilated": 7, "nhwc_undilated": 7}
+
+
+def test_the_dilation_probe_refuses_an_implementation_it_does_not_know(tmp_path):
+    script = os.path.join(BENCHMARKS, "dilation_probe.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path), "--impls", "as_is,fastest"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "--impls fastest" in done.stderr, done.stderr[-2000:]
