@@ -3,6 +3,7 @@ estimate stands in for the allocator), and the report renders every section from
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import re
 import subprocess
@@ -11,6 +12,21 @@ import warnings
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
+
+
+def _bench_module(name: str):
+    """benchmarks/<name>.py imported here, with the benchmarks' own ``strategies`` module: under a
+    name also taken by the test package tests/strategies, which pytest may have imported first."""
+    saved = sys.modules.pop("strategies", None)
+    sys.modules.pop(name, None)
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(BENCHMARKS)  # the first occurrence: the one put there above
+        sys.modules.pop("strategies", None)
+        if saved is not None:
+            sys.modules["strategies"] = saved
 
 
 def _optimize_bench(*args: str) -> subprocess.CompletedProcess:
@@ -226,8 +242,9 @@ def test_the_plan_probe_measures_anchors_and_plans_in_turn_with_the_swaps_asked_
 
 
 def test_the_plan_probe_swaps_each_conv_one_way_and_repeats_an_option_over_blocks():
-    import plan_probe
     from torch import nn
+
+    plan_probe = _bench_module("plan_probe")
 
     model = nn.Sequential(nn.Conv1d(2, 16, 3, dilation=2, padding=2), nn.Conv1d(16, 16, 3, dilation=2, padding=2),
                           nn.MaxPool1d(2))
@@ -238,9 +255,9 @@ def test_the_plan_probe_swaps_each_conv_one_way_and_repeats_an_option_over_block
 
 
 def test_the_dilation_probe_swaps_what_each_implementation_names():
-    import dilation_probe
-
     from convmem import zoo
+
+    dilation_probe = _bench_module("dilation_probe")
 
     counts = {}
     for impl in dilation_probe.IMPLS:
