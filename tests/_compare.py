@@ -84,23 +84,3 @@ def _grads_by_state_key(model: nn.Module, grads: Dict[str, Optional[torch.Tensor
 def twin(model: nn.Module) -> nn.Module:
     """An independent copy with the same parameters and buffers."""
     return copy.deepcopy(model)
-
-
-def assert_conv_swaps_exact(entry, find: Callable[[nn.Module], Dict[str, nn.Module]], kind: type,
-                            count: Optional[int] = None) -> None:
-    """Swap in what `find(model)` offers for a zoo `entry` (float64): every swap a `kind`, the
-    state_dict keys unchanged, nothing offered twice, the step exact, and `restore_` takes them out."""
-    from convmem import restore_
-    from convmem.strategies._common import swap_modules
-
-    reference = twin(entry.model)
-    keys = list(entry.model.state_dict())
-    swaps = find(entry.model)
-    assert swaps and all(type(m) is kind for m in swaps.values())
-    assert count is None or len(swaps) == count
-    swap_modules(entry.model, swaps)
-    assert list(entry.model.state_dict()) == keys
-    assert find(entry.model) == {}  # each is swapped once
-    assert_same_step(reference, entry.model, entry.inputs, entry.loss_fn, steps=2)
-    restore_(entry.model)
-    assert not any(isinstance(m, kind) for m in entry.model.modules())

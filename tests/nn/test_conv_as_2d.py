@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import convmem
-from _compare import assert_conv_swaps_exact, seeded_randn
+from _compare import seeded_randn
+from _conv_swaps import (assert_compiled_on_cuda_computes_the_conv, assert_computes_the_conv, assert_conv_swaps_exact,
+                         assert_refuses, shorter_than_reach)
 from convmem.nn import Conv1dAs2d
 from convmem.nn.conv_as_2d import conv_as_2d_reason, convs_as_2d
 
@@ -26,19 +28,11 @@ GEOMETRIES = [
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_outputs_and_gradients_are_the_conv1ds(geometry, length):
     cin, cout, k, s, p, d, g, bias = geometry
-    if length + 2 * (p if isinstance(p, int) else 0) < d * (k - 1) + 1 and p != "same":
-        pytest.skip("input shorter than the kernel's reach")
     torch.manual_seed(0)
     conv = nn.Conv1d(cin, cout, k, s, p, d, g, bias).double()
-    x = seeded_randn(2, cin, length).requires_grad_()
-    reference = conv(x)
-    grads = torch.autograd.grad(reference.square().sum(), (x, *conv.parameters()))
-    as_2d = Conv1dAs2d(conv)
-    out = as_2d(x)
-    assert out.shape == reference.shape
-    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(out.square().sum(), (x, *conv.parameters())), grads):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if shorter_than_reach(conv, length):
+        pytest.skip("input shorter than the kernel's reach")
+    assert_computes_the_conv(Conv1dAs2d(conv), conv, seeded_randn(2, cin, length))
 
 
 def test_unbatched_input():
@@ -60,25 +54,13 @@ def test_refuses_what_it_cannot_compute_and_names_why():
     hooked.register_forward_hook(lambda *args: None)
     cases = [(nn.Conv1d(2, 2, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
              (MyConv(2, 2, 3), "not an nn.Conv1d"), (hooked, "forward hooks"), (nn.Conv2d(2, 2, 3), "Conv2d")]
-    for module, why in cases:
-        assert why in conv_as_2d_reason(module)
-        with pytest.raises(ValueError, match="cannot compute this convolution as a conv2d"):
-            Conv1dAs2d(module)
+    assert_refuses(Conv1dAs2d, conv_as_2d_reason, cases, "cannot compute this convolution as a conv2d")
     assert conv_as_2d_reason(nn.Conv1d(2, 2, 3)) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_on_cuda_compiled_outputs_and_gradients_are_the_conv1ds(geometry):
-    # cuDNN picks its own algorithms for each (TF32 by default for convolutions): compared in float64
     cin, cout, k, s, p, d, g, bias = geometry
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    conv = nn.Conv1d(cin, cout, k, s, p, d, g, bias).double().cuda()
-    x = seeded_randn(2, cin, 257).cuda().requires_grad_()
-    reference = conv(x)
-    grads = torch.autograd.grad(reference.square().sum(), (x, *conv.parameters()))
-    out = torch.compile(Conv1dAs2d(conv))(x)
-    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
-    for got, want in zip(torch.autograd.grad(out.square().sum(), (x, *conv.parameters())), grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_compiled_on_cuda_computes_the_conv(Conv1dAs2d, nn.Conv1d(cin, cout, k, s, p, d, g, bias).double().cuda())

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import convmem
-from _compare import assert_conv_swaps_exact, assert_same_step, seeded_randn, twin
+from _compare import assert_same_step, seeded_randn, twin
+from _conv_swaps import (assert_compiled_on_cuda_computes_the_conv, assert_compiles_whole, assert_computes_the_conv,
+                         assert_conv_swaps_exact, assert_refuses, assert_takes_any_layout, shorter_than_reach)
 from convmem.nn import Conv1dAsMatmul, Tiled
 from convmem.nn.conv_as_matmul import conv1d_as_matmul, conv_as_matmul_reason, convs_as_matmul
 from convmem.strategies._common import swap_modules
@@ -29,19 +31,11 @@ GEOMETRIES = [
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_outputs_and_gradients_are_the_conv1ds(geometry, length):
     cin, cout, k, s, p, d, bias = geometry
-    reach = d * (k - 1) + 1
-    if p != "same" and length + 2 * (p if isinstance(p, int) else 0) < reach:
-        pytest.skip("input shorter than the kernel's reach")
     torch.manual_seed(0)
     conv = nn.Conv1d(cin, cout, k, s, p, d, bias=bias).double()
-    x = seeded_randn(2, cin, length).requires_grad_()
-    reference = conv(x)
-    grads = torch.autograd.grad(reference.square().sum(), (x, *conv.parameters()))
-    out = Conv1dAsMatmul(conv)(x)
-    assert out.shape == reference.shape
-    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(out.square().sum(), (x, *conv.parameters())), grads):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if shorter_than_reach(conv, length):
+        pytest.skip("input shorter than the kernel's reach")
+    assert_computes_the_conv(Conv1dAsMatmul(conv), conv, seeded_randn(2, cin, length))
 
 
 def test_functional_form_against_conv1d_and_gradcheck():
@@ -66,10 +60,7 @@ def test_too_short_an_input_raises_the_conv1ds_error():
 
 def test_non_contiguous_and_unbatched_inputs():
     conv = nn.Conv1d(3, 12, 3, padding=1).double()
-    wide = seeded_randn(2, 40, 3).transpose(1, 2)  # (2, 3, 40), not contiguous
-    torch.testing.assert_close(Conv1dAsMatmul(conv)(wide), conv(wide), rtol=1e-12, atol=1e-12)
-    x = seeded_randn(3, 20)
-    torch.testing.assert_close(Conv1dAsMatmul(conv)(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert_takes_any_layout(Conv1dAsMatmul, conv)
 
 
 @pytest.mark.parametrize("name", ["basenji", "tcn", "wavenet", "w2v2_fe"])
@@ -91,11 +82,9 @@ def test_tiled_block_traces_its_convs_plainly_and_stays_exact():
 
 
 def test_compiles_without_graph_breaks():
-    torch._dynamo.reset()
     conv = nn.Conv1d(2, 16, 5, stride=2, padding=2, dilation=2).double()
     x = seeded_randn(2, 2, 31)
-    compiled = torch.compile(Conv1dAsMatmul(conv), backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert_compiles_whole(Conv1dAsMatmul, conv, x)
 
 
 def test_refuses_what_it_cannot_compute_and_names_why():
@@ -109,10 +98,7 @@ def test_refuses_what_it_cannot_compute_and_names_why():
              (nn.Conv2d(2, 8, 3), "Conv2d"), (nn.Conv1d(4, 8, 3, groups=2), "groups=2"),
              (nn.Conv1d(3, 8, 3), "3 channels x kernel 3 = 9 rows) would outnumber its 8 output channels"),
              (nn.Conv1d(13, 128, 5), "13 channels x kernel 5 = 65 terms) is over the 64")]
-    for module, why in cases:
-        assert why in conv_as_matmul_reason(module)
-        with pytest.raises(ValueError, match="cannot compute this convolution as a matmul"):
-            Conv1dAsMatmul(module)
+    assert_refuses(Conv1dAsMatmul, conv_as_matmul_reason, cases, "cannot compute this convolution as a matmul")
     assert conv_as_matmul_reason(nn.Conv1d(3, 9, 3)) is None
 
 
@@ -120,13 +106,6 @@ def test_refuses_what_it_cannot_compute_and_names_why():
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_on_cuda_compiled_outputs_and_gradients_are_the_conv1ds(geometry):
     cin, cout, k, s, p, d, bias = geometry
-    torch._dynamo.reset()
     torch.manual_seed(0)
     conv = nn.Conv1d(cin, cout, k, s, p, d, bias=bias).double().cuda()
-    x = seeded_randn(2, cin, 257).cuda().requires_grad_()
-    reference = conv(x)
-    grads = torch.autograd.grad(reference.square().sum(), (x, *conv.parameters()))
-    out = torch.compile(Conv1dAsMatmul(conv))(x)
-    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
-    for got, want in zip(torch.autograd.grad(out.square().sum(), (x, *conv.parameters())), grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_compiled_on_cuda_computes_the_conv(Conv1dAsMatmul, conv)

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import convmem
-from _compare import assert_conv_swaps_exact, assert_same_step, seeded_randn, twin
+from _compare import assert_same_step, seeded_randn, twin
+from _conv_swaps import (assert_compiled_on_cuda_computes_the_conv, assert_compiles_whole, assert_computes_the_conv,
+                         assert_conv_swaps_exact, assert_refuses, assert_takes_any_layout, shorter_than_reach)
 from convmem.nn import Conv1dByPhases, Tiled
 from convmem.nn.conv_phases import conv_by_phases, conv_by_phases_reason, convs_by_phases
 from convmem.strategies._common import swap_modules
@@ -28,19 +30,11 @@ GEOMETRIES = [
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_outputs_and_gradients_are_the_conv1ds(geometry, length):
     cin, cout, k, p, d, g, bias = geometry
-    reach = d * (k - 1) + 1
-    if p != "same" and length + 2 * (p if isinstance(p, int) else 0) < reach:
-        pytest.skip("input shorter than the kernel's reach")
     torch.manual_seed(0)
     conv = nn.Conv1d(cin, cout, k, 1, p, d, g, bias).double()
-    x = seeded_randn(2, cin, length).requires_grad_()
-    reference = conv(x)
-    grads = torch.autograd.grad(reference.square().sum(), (x, *conv.parameters()))
-    out = Conv1dByPhases(conv)(x)
-    assert out.shape == reference.shape
-    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(out.square().sum(), (x, *conv.parameters())), grads):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if shorter_than_reach(conv, length):
+        pytest.skip("input shorter than the kernel's reach")
+    assert_computes_the_conv(Conv1dByPhases(conv), conv, seeded_randn(2, cin, length))
 
 
 def test_functional_form_against_conv1d_and_gradcheck():
@@ -56,10 +50,7 @@ def test_functional_form_against_conv1d_and_gradcheck():
 
 def test_non_contiguous_and_unbatched_inputs():
     conv = nn.Conv1d(3, 4, 3, padding=3, dilation=3).double()
-    wide = seeded_randn(2, 40, 3).transpose(1, 2)  # (2, 3, 40), not contiguous
-    torch.testing.assert_close(Conv1dByPhases(conv)(wide), conv(wide), rtol=1e-12, atol=1e-12)
-    x = seeded_randn(3, 20)
-    torch.testing.assert_close(Conv1dByPhases(conv)(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert_takes_any_layout(Conv1dByPhases, conv)
 
 
 @pytest.mark.parametrize("name", ["tcn", "wavenet", "basenji", "convtasnet"])
@@ -81,11 +72,9 @@ def test_tiled_block_traces_its_convs_plainly_and_stays_exact():
 
 
 def test_compiles_without_graph_breaks():
-    torch._dynamo.reset()
     conv = nn.Conv1d(3, 4, 3, padding=2, dilation=2).double()
     x = seeded_randn(2, 3, 31)
-    compiled = torch.compile(Conv1dByPhases(conv), backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert_compiles_whole(Conv1dByPhases, conv, x)
 
 
 def test_refuses_what_it_cannot_compute_and_names_why():
@@ -100,10 +89,7 @@ def test_refuses_what_it_cannot_compute_and_names_why():
              (nn.Conv1d(2, 2, 3, stride=2, dilation=2), "stride 2"),
              (nn.Conv1d(2, 2, 3, padding=3, dilation=2), "padding (3, 3)"),
              (nn.Conv1d(2, 2, 2, padding="same", dilation=3), "padding (1, 2)")]
-    for module, why in cases:
-        assert why in conv_by_phases_reason(module)
-        with pytest.raises(ValueError, match="cannot compute this convolution by phases"):
-            Conv1dByPhases(module)
+    assert_refuses(Conv1dByPhases, conv_by_phases_reason, cases, "cannot compute this convolution by phases")
     assert conv_by_phases_reason(nn.Conv1d(2, 2, 3, padding=4, dilation=2)) is None
 
 
@@ -111,13 +97,5 @@ def test_refuses_what_it_cannot_compute_and_names_why():
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_on_cuda_compiled_outputs_and_gradients_are_the_conv1ds(geometry):
     cin, cout, k, p, d, g, bias = geometry
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    conv = nn.Conv1d(cin, cout, k, 1, p, d, g, bias).double().cuda()
-    x = seeded_randn(2, cin, 257).cuda().requires_grad_()
-    reference = conv(x)
-    grads = torch.autograd.grad(reference.square().sum(), (x, *conv.parameters()))
-    out = torch.compile(Conv1dByPhases(conv))(x)
-    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
-    for got, want in zip(torch.autograd.grad(out.square().sum(), (x, *conv.parameters())), grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_compiled_on_cuda_computes_the_conv(Conv1dByPhases, nn.Conv1d(cin, cout, k, 1, p, d, g, bias).double().cuda())
