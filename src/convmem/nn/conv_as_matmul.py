@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis import trace as _trace
 from ..kernels.depthwise import resolve_padding
-from ._wrapper import CheckedWrapper, swappable
+from ._wrapper import Conv1dComputedAnotherWay, swappable
 
 __all__ = ["Conv1dAsMatmul", "conv1d_as_matmul", "conv_as_matmul_reason", "convs_as_matmul"]
 
@@ -81,7 +80,7 @@ def conv1d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return F.conv1d(columns, weight.reshape(out_channels, channels * kernel_size, 1), bias)
 
 
-class Conv1dAsMatmul(CheckedWrapper):
+class Conv1dAsMatmul(Conv1dComputedAnotherWay):
     """An ``nn.Conv1d`` with few input channels computed as one matmul over its unfolded input (NOTE
     [Conv1d as a matmul]); same outputs and gradients, parameters and state_dict keys.
 
@@ -97,15 +96,10 @@ class Conv1dAsMatmul(CheckedWrapper):
     reason_of = staticmethod(conv_as_matmul_reason)
     cannot = "compute this convolution as a matmul"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.wrapped
-        if _trace.is_active():  # tiling's receptive-field analysis follows Conv1d calls
-            return conv(x)
-        unbatched = x.dim() == 2
         left, right = resolve_padding(conv.padding, conv.kernel_size[0], conv.dilation[0], conv.stride[0])
-        out = conv1d_as_matmul(x.unsqueeze(0) if unbatched else x, conv.weight, conv.bias, conv.stride[0], left,
-                               right, conv.dilation[0])
-        return out.squeeze(0) if unbatched else out
+        return conv1d_as_matmul(x, conv.weight, conv.bias, conv.stride[0], left, right, conv.dilation[0])
 
     def extra_repr(self) -> str:
         return "as a matmul over its columns"

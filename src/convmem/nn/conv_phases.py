@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis import trace as _trace
 from ..kernels.depthwise import resolve_padding
-from ._wrapper import CheckedWrapper, swappable
+from ._wrapper import Conv1dComputedAnotherWay, swappable
 
 __all__ = ["Conv1dByPhases", "conv_by_phases", "conv_by_phases_reason", "convs_by_phases"]
 
@@ -85,7 +84,7 @@ def conv_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out[..., :out_length] if extra else out
 
 
-class Conv1dByPhases(CheckedWrapper):
+class Conv1dByPhases(Conv1dComputedAnotherWay):
     """A dilated ``nn.Conv1d`` computed as an undilated conv2d over its phases (NOTE [Dilated convs
     by phases]); same outputs and gradients, parameters and state_dict keys.
 
@@ -101,14 +100,9 @@ class Conv1dByPhases(CheckedWrapper):
     reason_of = staticmethod(conv_by_phases_reason)
     cannot = "compute this convolution by phases"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.wrapped
-        if _trace.is_active():
-            return conv(x)
-        unbatched = x.dim() == 2
-        out = conv_by_phases(x.unsqueeze(0) if unbatched else x, conv.weight, conv.bias, conv.dilation[0],
-                             _paddings(conv)[0], conv.groups)
-        return out.squeeze(0) if unbatched else out
+        return conv_by_phases(x, conv.weight, conv.bias, conv.dilation[0], _paddings(conv)[0], conv.groups)
 
     def extra_repr(self) -> str:
         return "by phases"
