@@ -128,7 +128,7 @@ def optimize_table() -> str:
 
 def dilation_tables() -> str:
     """benchmarks/dilation_probe.py: one convolution per dilation, then whole steps, as they are and
-    with their dilated Conv1ds by phases (NOTE [Dilated convs by phases])."""
+    with their dilated Conv1ds by phases (NOTE [Dilated convs by phases]) or other convs swapped."""
     rows = rows_of_every_run("dilation_probe", statuses=None)  # a probe: no status column
     micro = defaultdict(dict)
     for r in (r for r in rows if r["section"] == "micro"):
@@ -136,7 +136,7 @@ def dilation_tables() -> str:
     lines = ["| shape of | dilation | Conv1d ms | by phases ms | speed-up |", "|---|---:|---:|---:|---:|"]
     for (model, dilation), t in micro.items():
         lines.append(f"| {model} | {dilation} | {t['conv1d']:.2f} | {t['phases']:.2f} | {t['conv1d'] / t['phases']:.2f}x |")
-    lines += ["", "| model | mode | round | convs by phases | peak GiB | step ms (min-max) |",
+    lines += ["", "| model | mode | round | convs swapped | peak GiB | step ms (min-max) |",
               "|---|---|---:|---|---:|---|"]
     for r in (r for r in rows if r["section"] == "model"):
         which = {"as_is": "none", "phases": f"every dilated ({r['swapped']})",

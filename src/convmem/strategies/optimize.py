@@ -363,8 +363,7 @@ def optimize_(
             eager_step_s=costs.eager_step_s * scale if costs.eager_step_s is not None else None,
             pools=[] if untouched else list(costs.pools),
             convs_2d=[n for n in (layout if convs_2d is None else convs_2d)  # tiles trace Conv1ds
-                      if not any(n.startswith(t + ".") for t in tiled)
-                      and n not in taken],
+                      if not any(n.startswith(t + ".") for t in tiled) and n not in taken],
             # NOTE [Convs by phases in plans]
             **{field: list(swapped[option]) for option, field in CONV_FIELDS.items()},
             compiled=compiled,  # NOTE [Compiled chunks]
@@ -451,7 +450,8 @@ def optimize_(
     def choose_layout() -> List[str]:
         """NOTE [Conv layouts in compiled plans]: every Conv1d as a conv2d when the untouched model's
         compiled step measures no slower and no larger so, and better on one of the two."""
-        candidates = sorted(n for n in convs_as_2d(model) if n not in swapped_convs())
+        taken = set(swapped_convs())  # a Conv1d runs one way
+        candidates = sorted(n for n in convs_as_2d(model) if n not in taken)
         if not candidates or keep_all is None:
             return []
         measured = [judge_untouched(convs, "with its Conv1ds as conv2d" if convs else "with its Conv1ds")
